@@ -1,0 +1,1 @@
+"""The shared kernel: settings, backbone, database, event envelope, auth, errors, observability."""

@@ -1,0 +1,1 @@
+"""The HTTP front: composes the context routers and serves the web console."""
