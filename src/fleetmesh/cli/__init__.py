@@ -1,0 +1,28 @@
+"""The `fleetmesh` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from fleetmesh import __version__
+from fleetmesh.cli import devices, keys, up
+
+app = typer.Typer(
+    name="fleetmesh",
+    help="fleetmesh: an IoT platform. `fleetmesh up` runs it all on this machine.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.command("up")(up.up)
+app.add_typer(keys.app, name="keys")
+app.add_typer(devices.app, name="devices")
+
+
+@app.command()
+def version() -> None:
+    """Print the fleetmesh version."""
+    typer.echo(f"fleetmesh {__version__}")
+
+
+def main() -> None:
+    app()

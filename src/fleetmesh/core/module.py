@@ -1,0 +1,42 @@
+"""What a bounded context hands the composition root: routers, streams, start and stop."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter
+
+from fleetmesh.core.backbone import Backbone
+from fleetmesh.core.clock import Clock
+from fleetmesh.core.database import Database
+from fleetmesh.core.metrics import Metrics
+from fleetmesh.core.settings import Settings
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Deps:
+    """The shared infrastructure a context is built from."""
+
+    settings: Settings
+    database: Database
+    backbone: Backbone
+    metrics: Metrics
+    clock: Clock
+    on_commit: Callable[[], None]
+
+
+@dataclass
+class Module:
+    """One bounded context, ready to be mounted in a process."""
+
+    name: str
+    routers: list[APIRouter] = field(default_factory=list)
+    start: Callable[[], Awaitable[None]] = _nothing
+    stop: Callable[[], Awaitable[None]] = _nothing
+    provides: dict[str, Any] = field(default_factory=dict)

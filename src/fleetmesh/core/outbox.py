@@ -1,0 +1,148 @@
+"""The outbox relay: publishes committed domain events to the EVENTS stream.
+
+Each row is published with `Nats-Msg-Id` = the event id, then marked sent. If
+the process dies between publish and mark, the row is published again on the
+next run and JetStream drops the duplicate (within the stream's duplicate
+window). While NATS is unreachable the relay backs off and retries; nothing
+is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fleetmesh.core.backbone import Backbone
+from fleetmesh.core.clock import utcnow
+from fleetmesh.core.database import Database
+from fleetmesh.core.logging import get_logger
+from fleetmesh.core.metrics import Metrics
+from fleetmesh.core.tables import outbox
+
+log = get_logger(__name__)
+
+BATCH_SIZE = 500
+MAX_BACKOFF_S = 5.0
+KEEP_PUBLISHED = timedelta(hours=1)
+
+
+class OutboxRelay:
+    """Background task publishing the outbox; `wake()` makes it look at once after a commit."""
+
+    def __init__(
+        self,
+        database: Database,
+        backbone: Backbone,
+        metrics: Metrics,
+        *,
+        poll_seconds: float = 0.5,
+    ) -> None:
+        self.database = database
+        self.backbone = backbone
+        self.metrics = metrics
+        self.poll_seconds = poll_seconds
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        cycles = 0
+        while True:
+            try:
+                published = await self.publish_pending()
+                self._failures = 0
+                cycles += 1
+                if cycles % 600 == 0:
+                    await self.purge_published()
+                if published >= BATCH_SIZE:
+                    continue
+                await self._sleep(self.poll_seconds)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self._failures += 1
+                delay = min(MAX_BACKOFF_S, 0.1 * 2**self._failures)
+                log.warning("outbox_publish_failed", error=repr(error), retry_in_s=delay)
+                await asyncio.sleep(delay)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        self._wakeup.clear()
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of unpublished events; returns how many were published."""
+        async with self.database.session() as session:
+            query = (
+                select(outbox.c.seq, outbox.c.event_id, outbox.c.subject, outbox.c.payload)
+                .where(outbox.c.published_at.is_(None))
+                .order_by(outbox.c.seq)
+                .limit(BATCH_SIZE)
+            )
+            if self.database.is_postgres:
+                # Replicas share the outbox: each takes rows nobody else holds.
+                query = query.with_for_update(skip_locked=True)
+            rows = (await session.execute(query)).all()
+            if not self.database.is_postgres:
+                await session.commit()  # end the SQLite read snapshot before writing
+            if not rows:
+                self.metrics.outbox_backlog.set(0)
+                return 0
+            sent: list[int] = []
+            try:
+                for row in rows:
+                    await self.backbone.publish(row.subject, row.payload, msg_id=row.event_id)
+                    sent.append(row.seq)
+            finally:
+                if sent:
+                    await self._mark_sent(session, sent)
+        self.metrics.outbox_published.inc(len(sent))
+        self.metrics.outbox_backlog.set(await self.backlog())
+        return len(sent)
+
+    async def _mark_sent(self, session: AsyncSession, seqs: list[int]) -> None:
+        statement = update(outbox).where(outbox.c.seq.in_(seqs)).values(published_at=utcnow())
+        async with self.database.writing():
+            await session.execute(statement)
+            await session.commit()
+
+    async def publish_pending_quietly(self) -> None:
+        """Last attempt at shutdown; what fails stays in the outbox for the next start."""
+        with contextlib.suppress(Exception):
+            while await self.publish_pending() >= BATCH_SIZE:
+                pass
+
+    async def backlog(self) -> int:
+        async with self.database.session() as session:
+            count = await session.scalar(
+                select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
+            )
+            return int(count or 0)
+
+    async def purge_published(self) -> None:
+        """Delete rows published more than an hour ago (well past the duplicate window)."""
+        cutoff = utcnow() - KEEP_PUBLISHED
+        async with self.database.writing(), self.database.session() as session:
+            await session.execute(
+                delete(outbox).where(
+                    outbox.c.published_at.is_not(None), outbox.c.published_at < cutoff
+                )
+            )
+            await session.commit()

@@ -1,0 +1,97 @@
+"""The unit of work: one transaction, its repositories, and the events it will publish.
+
+Use cases are the only callers of `commit()`. Events added with `emit()` are
+written to the outbox table inside the same transaction as the state change
+(transactional outbox), so a crash after the commit loses no event: the relay
+publishes them later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fleetmesh.core.clock import utcnow
+from fleetmesh.core.database import Database
+from fleetmesh.core.envelope import CloudEvent
+from fleetmesh.core.tables import outbox
+
+
+class SqlUnitOfWork:
+    """A transaction on the database; subclasses attach their repositories in `_open`."""
+
+    def __init__(self, database: Database, *, on_commit: Callable[[], None] | None = None) -> None:
+        self.database = database
+        self._on_commit = on_commit
+        self._pending: list[CloudEvent] = []
+        self._session: AsyncSession | None = None
+        self._lock_held = False
+
+    @property
+    def session(self) -> AsyncSession:
+        if self._session is None:
+            raise RuntimeError("unit of work used outside `async with`")
+        return self._session
+
+    async def __aenter__(self) -> Self:
+        if self.database.is_sqlite:
+            # One writer at a time: a SQLite transaction that reads, then writes after
+            # another writer committed, fails at once instead of waiting.
+            await self.database.write_lock.acquire()
+            self._lock_held = True
+        self._session = self.database.session()
+        self._open(self._session)
+        return self
+
+    def _open(self, session: AsyncSession) -> None:
+        """Attach repositories to the session (subclasses)."""
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._session is not None:
+                with contextlib.suppress(Exception):
+                    await self._session.rollback()
+                await self._session.close()
+        finally:
+            self._session = None
+            self._pending.clear()
+            if self._lock_held:
+                self._lock_held = False
+                self.database.write_lock.release()
+
+    def emit(self, event: CloudEvent) -> None:
+        """Publish this event if, and only if, the transaction commits."""
+        self._pending.append(event)
+
+    async def commit(self) -> None:
+        if self._pending:
+            await self.session.execute(insert(outbox), [_outbox_row(e) for e in self._pending])
+            self._pending.clear()
+        await self.session.commit()
+        if self._on_commit is not None:
+            self._on_commit()
+
+    async def rollback(self) -> None:
+        self._pending.clear()
+        await self.session.rollback()
+
+
+def _outbox_row(event: CloudEvent) -> dict[str, object]:
+    return {
+        "event_id": event.id,
+        "subject": event.nats_subject,
+        "payload": event.to_json(),
+        "created_at": utcnow(),
+        "published_at": None,
+        "attempts": 0,
+    }

@@ -1,0 +1,32 @@
+"""Builds the device registry from the shared infrastructure."""
+
+from __future__ import annotations
+
+from fleetmesh.core.module import Deps, Module
+from fleetmesh.devices.api import create_router
+from fleetmesh.devices.credentials import CredentialHasher
+from fleetmesh.devices.service import DeviceQueries, DevicesUnitOfWork
+
+NAME = "devices"
+
+
+def create_module(deps: Deps) -> Module:
+    hasher = CredentialHasher()
+    queries = DeviceQueries(deps.database, hasher)
+
+    def uow_factory() -> DevicesUnitOfWork:
+        return DevicesUnitOfWork(deps.database, on_commit=deps.on_commit)
+
+    router = create_router(
+        uow_factory=uow_factory, queries=queries, hasher=hasher, clock=deps.clock
+    )
+
+    async def stop() -> None:
+        hasher.close()
+
+    return Module(
+        name=NAME,
+        routers=[router],
+        stop=stop,
+        provides={"device_verifier": queries},
+    )

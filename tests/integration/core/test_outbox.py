@@ -1,0 +1,77 @@
+"""The transactional outbox: no event lost when NATS or the relay dies, none duplicated."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from sqlalchemy import update
+
+from fleetmesh.bootstrap import Platform
+from fleetmesh.core.backbone import EVENTS_STREAM
+from fleetmesh.core.tables import outbox
+
+pytestmark = pytest.mark.integration
+
+THERMO = {"name": "thermo", "telemetry_schema": {}}
+
+
+async def _stream_messages(platform: Platform) -> int:
+    info = await platform.backbone.js.stream_info(EVENTS_STREAM)
+    return int(info.state.messages)
+
+
+async def _wait_for(predicate: object, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if await predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def test_events_committed_while_nats_is_down_arrive_exactly_once(
+    platform: Platform, client: httpx.AsyncClient
+) -> None:
+    await client.post("/api/v1/device-types", json=THERMO)
+    await _wait_for(lambda: _is(platform, 1))
+    assert platform.nats_server is not None
+    platform.nats_server.kill()
+    created = await client.post("/api/v1/devices", json={"type": "thermo", "id": "while-down"})
+    assert created.status_code == 201  # the state change and its event are committed together
+    assert await platform.relay.backlog() == 1
+    await asyncio.sleep(0.5)  # the relay fails and backs off meanwhile
+    await platform.nats_server.start()
+    await _wait_for(lambda: _backlog_is(platform, 0))
+    await _wait_for(lambda: _is(platform, 2))
+    await asyncio.sleep(0.3)
+    assert await _stream_messages(platform) == 2
+
+
+async def test_crash_between_publish_and_mark_sent_is_deduplicated(
+    platform: Platform, client: httpx.AsyncClient
+) -> None:
+    await platform.relay.stop()
+    await client.post("/api/v1/device-types", json=THERMO)
+    await client.post("/api/v1/devices", json={"type": "thermo", "id": "once"})
+    assert await platform.relay.backlog() == 2
+    assert await platform.relay.publish_pending() == 2
+    # As if the process died after publishing but before marking the rows sent:
+    async with platform.database.session() as session:
+        await session.execute(update(outbox).values(published_at=None))
+        await session.commit()
+    assert await platform.relay.publish_pending() == 2
+    assert await platform.relay.backlog() == 0
+    assert await _stream_messages(platform) == 2
+
+
+async def _is(platform: Platform, count: int) -> bool:
+    try:
+        return await _stream_messages(platform) == count
+    except Exception:
+        return False
+
+
+async def _backlog_is(platform: Platform, count: int) -> bool:
+    return await platform.relay.backlog() == count

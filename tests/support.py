@@ -1,0 +1,39 @@
+"""Helpers for tests of every tier (importable as `support`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from fleetmesh.bootstrap import Platform
+from fleetmesh.core.ports import free_port
+from fleetmesh.core.settings import Settings
+from fleetmesh.gateway.app import create_app
+
+
+def make_settings(data_dir: Path, database_url: str | None = None, **extra: object) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        http_port=free_port(),
+        nats_port=free_port(),
+        mqtt_port=free_port(),
+        database_url=database_url,
+        outbox_poll_seconds=0.05,
+        allow_private_webhooks=True,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def admin_key(platform: Platform) -> str:
+    assert platform.admin_key_path is not None
+    return platform.admin_key_path.read_text().strip()
+
+
+def client_for(platform: Platform) -> httpx.AsyncClient:
+    app = create_app(platform)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://fleetmesh.test",
+        headers={"Authorization": f"Bearer {admin_key(platform)}"},
+    )
