@@ -19,6 +19,7 @@ from fleetmesh.core.auth import ApiKeyStore, Role
 from fleetmesh.core.backbone import EVENTS_STREAM, Backbone, NatsEndpoint
 from fleetmesh.core.clock import Clock, SystemClock
 from fleetmesh.core.database import Database
+from fleetmesh.core.live_config import LiveConfig
 from fleetmesh.core.logging import get_logger
 from fleetmesh.core.metrics import Metrics
 from fleetmesh.core.module import Deps, Module
@@ -72,6 +73,7 @@ class Platform:
     ports: Ports
     nats_server: EmbeddedNatsServer | None
     module_factories: dict[str, ModuleFactory]
+    live_config: LiveConfig
     modules: list[Module] = field(default_factory=list)
     admin_key_path: Path | None = None
     admin_key_created: bool = False
@@ -104,6 +106,7 @@ class Platform:
         await self.backbone.connect()
         await self.backbone.ensure_stream(events_stream_config(self.settings))
         await self.database.migrate()
+        await self.live_config.start()
         deps = Deps(
             settings=self.settings,
             database=self.database,
@@ -111,6 +114,7 @@ class Platform:
             metrics=self.metrics,
             clock=self.clock,
             on_commit=self.relay.wake,
+            live_config=self.live_config,
         )
         self.modules = [factory(deps) for factory in self.module_factories.values()]
         for module in self.modules:
@@ -125,6 +129,7 @@ class Platform:
             await _bounded(module.stop(), f"stop {module.name}")
         await _bounded(self.relay.stop(), "stop outbox relay")
         await _bounded(self.relay.publish_pending_quietly(), "flush outbox")
+        await _bounded(self.live_config.stop(), "stop config watch")
         await _bounded(self.backbone.close(), "close NATS connection")
         if self.nats_server is not None:
             await _bounded(self.nats_server.stop(), "stop nats-server", timeout=15)
@@ -214,6 +219,7 @@ def bootstrap(
         ports=ports,
         nats_server=nats_server,
         module_factories={name: CONTEXTS[name] for name in selected},
+        live_config=LiveConfig(backbone),
     )
 
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter
 from fleetmesh.core.backbone import Backbone
 from fleetmesh.core.clock import Clock
 from fleetmesh.core.database import Database
+from fleetmesh.core.live_config import LiveConfig
 from fleetmesh.core.metrics import Metrics
 from fleetmesh.core.settings import Settings
 
@@ -29,6 +30,7 @@ class Deps:
     metrics: Metrics
     clock: Clock
     on_commit: Callable[[], None]
+    live_config: LiveConfig
 
 
 @dataclass
