@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -96,7 +96,20 @@ def serve(settings: Settings, *, after_start: AfterStart | None = None) -> None:
         lifespan="on",
         access_log=False,
     )
-    uvicorn.Server(config).run()
+    _QuietExitServer(config).run()
+
+
+class _QuietExitServer(uvicorn.Server):
+    """Ctrl-C and SIGTERM end a clean, staged shutdown with exit code 0.
+
+    uvicorn re-raises the signal once it has shut down, which would turn a
+    clean stop into death by signal; fleetmesh has finished its own shutdown by
+    then (the platform stops in the app's lifespan), so the signal is consumed.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 def print_banner(platform: Platform) -> None:
