@@ -20,6 +20,7 @@ from fleetmesh.core.http import (
     install_error_handlers,
     install_metrics_middleware,
 )
+from fleetmesh.gateway.console import mount_console
 
 
 def create_app(
@@ -55,6 +56,7 @@ def create_app(
     app.add_middleware(AssumeJson)
     app.add_middleware(BodySizeLimit, max_bytes=platform.settings.max_body_bytes)
     _add_health_routes(app, platform)
+    mount_console(app)
     if platform.started:
         _mount(app, platform)
     return app
