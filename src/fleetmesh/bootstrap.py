@@ -104,6 +104,7 @@ class Platform:
         if self.nats_server is not None:
             await self.nats_server.start()
         await self.backbone.connect()
+        await self.backbone.wait_for_jetstream()
         await self.backbone.ensure_stream(events_stream_config(self.settings))
         await self.database.migrate()
         await self.live_config.start()

@@ -6,6 +6,7 @@ needs and `ensure_stream` creates it or updates it to the declared config.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +60,19 @@ class Backbone:
             reconnected_cb=self._on_reconnected,
         )
         self._js = self._nc.jetstream(timeout=10)
+
+    async def wait_for_jetstream(self, timeout: float = 30.0) -> None:
+        """Wait until JetStream answers (a cluster elects its meta leader first)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await self.js.account_info()
+                return
+            except Exception:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
