@@ -15,6 +15,7 @@ from rich.panel import Panel
 
 from fleetmesh import __version__
 from fleetmesh.bootstrap import Platform, bootstrap
+from fleetmesh.cli.demo import run_demo
 from fleetmesh.cli.options import DEFAULT_DATA_DIR, DatabaseUrl, DataDir
 from fleetmesh.core.logging import configure_logging
 from fleetmesh.core.ports import PortInUse
@@ -54,6 +55,9 @@ def up(
     ] = False,
     log_level: Annotated[str, typer.Option(envvar="FLEETMESH_LOG_LEVEL")] = "INFO",
     log_json: Annotated[bool, typer.Option(envvar="FLEETMESH_LOG_JSON", help="JSON logs.")] = False,
+    demo_devices: Annotated[
+        int, typer.Option(min=0, max=1000, help="Also run this many simulated demo devices.")
+    ] = 0,
 ) -> None:
     """Run the whole platform here: API, console, MQTT and an embedded NATS JetStream."""
     configure_logging(log_level, json_output=log_json)
@@ -69,7 +73,13 @@ def up(
         log_level=log_level,
         log_json=log_json,
     )
-    serve(settings)
+    after_start = None
+    if demo_devices:
+
+        async def after_start(platform: Platform) -> None:
+            await run_demo(platform, demo_devices)
+
+    serve(settings, after_start=after_start)
 
 
 def serve(settings: Settings, *, after_start: AfterStart | None = None) -> None:

@@ -37,6 +37,8 @@ def set_log_level(level: str) -> None:
         raise ValueError(f"unknown log level {level!r}")
     logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s", force=True)
     logging.getLogger().setLevel(numeric)
+    for chatty in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))
 
 

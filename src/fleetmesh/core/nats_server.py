@@ -191,6 +191,9 @@ class EmbeddedNatsServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                # Its own session: a Ctrl-C in the terminal reaches fleetmesh, which
+                # then stops nats-server last, after flushing what it still holds.
+                start_new_session=True,
             )
         await self._wait_until_listening(timeout, log_path)
         log.info("nats_server_started", url=self.url, pid=self._process.pid)

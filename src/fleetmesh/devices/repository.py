@@ -9,7 +9,6 @@ from typing import Any, Protocol
 from sqlalchemy import (
     JSON,
     Column,
-    DateTime,
     Float,
     Index,
     MetaData,
@@ -22,6 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleetmesh.core.sqltypes import UtcDateTime
 from fleetmesh.devices.domain import Device, DeviceType, Lifecycle, MetricSpec, ValueType
 
 metadata = MetaData()
@@ -35,7 +35,7 @@ device_types = Table(
     Column("telemetry_schema", JSON, nullable=False),
     Column("offline_timeout_s", Float, nullable=False),
     Column("expected_interval_s", Float, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 
 devices = Table(
@@ -49,9 +49,9 @@ devices = Table(
     Column("metadata", JSON, nullable=False),
     Column("offline_timeout_s", Float, nullable=True),
     Column("credential_hash", String(200), nullable=False),
-    Column("registered_at", DateTime(timezone=True), nullable=False),
-    Column("deregistered_at", DateTime(timezone=True), nullable=True),
-    Column("credentials_rotated_at", DateTime(timezone=True), nullable=True),
+    Column("registered_at", UtcDateTime(), nullable=False),
+    Column("deregistered_at", UtcDateTime(), nullable=True),
+    Column("credentials_rotated_at", UtcDateTime(), nullable=True),
     Index("ix_devices_type_name", "type_name"),
     Index("ix_devices_lifecycle", "lifecycle"),
     Index("ix_devices_name", "name"),
