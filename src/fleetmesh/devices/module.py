@@ -6,6 +6,7 @@ from fleetmesh.core.module import Deps, Module
 from fleetmesh.devices.api import create_router
 from fleetmesh.devices.credentials import CredentialHasher
 from fleetmesh.devices.service import DeviceQueries, DevicesUnitOfWork
+from fleetmesh.devices.verify import VerifyResponder
 
 NAME = "devices"
 
@@ -21,12 +22,19 @@ def create_module(deps: Deps) -> Module:
         uow_factory=uow_factory, queries=queries, hasher=hasher, clock=deps.clock
     )
 
+    responder = VerifyResponder(deps.backbone, queries)
+
+    async def start() -> None:
+        await responder.start()
+
     async def stop() -> None:
+        await responder.stop()
         hasher.close()
 
     return Module(
         name=NAME,
         routers=[router],
+        start=start,
         stop=stop,
         provides={"device_verifier": queries},
     )

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fleetmesh import __version__
 from fleetmesh.bootstrap import Platform
 from fleetmesh.core.auth import DeviceVerifier
+from fleetmesh.core.device_auth import NatsDeviceVerifier
 from fleetmesh.core.http import (
     AssumeJson,
     Authenticator,
@@ -69,9 +70,11 @@ def _mount(app: FastAPI, platform: Platform) -> None:
         for router in module.routers:
             app.include_router(router)
     verifier = platform.provided("device_verifier")
-    if verifier is not None:
-        assert isinstance(app.state.authenticator, Authenticator)
-        app.state.authenticator.devices = _as_verifier(verifier)
+    assert isinstance(app.state.authenticator, Authenticator)
+    # Without the devices context in this process, ask the devices service over NATS.
+    app.state.authenticator.devices = (
+        _as_verifier(verifier) if verifier is not None else NatsDeviceVerifier(platform.backbone)
+    )
     app.openapi_schema = None
     app.state.mounted = True
 
