@@ -1,0 +1,116 @@
+"""The distributed gateway: forwards each API request to a healthy instance of its owner.
+
+A request whose connection attempt fails is retried on the next instance (it
+never reached a service); a request that failed after it was sent is retried
+only when its method is idempotent. With no healthy instance left the answer
+is 503 with `Retry-After`, as problem+json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from fleetmesh.core.errors import PROBLEM_BASE
+from fleetmesh.core.http import PROBLEM_JSON
+from fleetmesh.gateway.routes import RouteTable
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+class InstancePicker(Protocol):
+    """Healthy instances of a service, in the order to try them."""
+
+    def candidates(self, service: str, *, key: str | None = None) -> list[str]:
+        """Base URLs (`http://host:port`), best first; empty when none is healthy."""
+
+
+def _problem(status: int, title: str, detail: str, *, retry_after: int | None = None) -> Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    body = {
+        "type": PROBLEM_BASE + title.lower().replace(" ", "-"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+class Forwarder:
+    """Forwards one request along the candidates of its owning service."""
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        picker: InstancePicker,
+        *,
+        client: httpx.AsyncClient | None = None,
+        on_forward: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        self.routes = routes
+        self.picker = picker
+        self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0))
+        self.on_forward = on_forward
+
+    async def __call__(self, request: Request) -> Response:
+        service = self.routes.owner(request.method, request.url.path)
+        if service is None:
+            return _problem(
+                404, "Not found", f"No service serves {request.method} {request.url.path}."
+            )
+        candidates = self.picker.candidates(service, key=request.path_params.get("device_id"))
+        if not candidates:
+            return _problem(
+                503, "Service unavailable", f"No healthy instance of {service}.", retry_after=1
+            )
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        last_error = "no attempt"
+        for base in candidates:
+            try:
+                upstream = await self.client.request(
+                    request.method,
+                    base + request.url.path,
+                    params=str(request.query_params),
+                    content=body,
+                    headers=headers,
+                )
+            except httpx.ConnectError as error:
+                last_error = repr(error)
+                continue
+            except httpx.TransportError as error:
+                last_error = repr(error)
+                if request.method in IDEMPOTENT:
+                    continue
+                return _problem(502, "Bad gateway", f"{service} failed mid-request: {error!r}")
+            if self.on_forward is not None:
+                self.on_forward(service, base, upstream.status_code)
+            return Response(
+                upstream.content,
+                status_code=upstream.status_code,
+                headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP},
+            )
+        return _problem(
+            503,
+            "Service unavailable",
+            f"Every instance of {service} failed: {last_error}",
+            retry_after=1,
+        )
