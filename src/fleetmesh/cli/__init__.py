@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fleetmesh import __version__
+from fleetmesh.analytics import cli as analytics_cli
 from fleetmesh.cli import devices, keys, up
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.command("up")(up.up)
 app.add_typer(keys.app, name="keys")
 app.add_typer(devices.app, name="devices")
+app.add_typer(analytics_cli.app, name="analytics", help="Anomaly detection tools (NAB harness).")
 
 
 @app.command()
