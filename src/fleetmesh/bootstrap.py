@@ -12,7 +12,9 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from fleetmesh.core.auth import ApiKeyStore, Role
@@ -78,6 +80,8 @@ class Platform:
     admin_key_path: Path | None = None
     admin_key_created: bool = False
     started: bool = False
+    app: Any = None
+    _internal_key: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -116,6 +120,7 @@ class Platform:
             clock=self.clock,
             on_commit=self.relay.wake,
             live_config=self.live_config,
+            platform_api=self.api_client,
         )
         self.modules = [factory(deps) for factory in self.module_factories.values()]
         for module in self.modules:
@@ -136,6 +141,20 @@ class Platform:
             await _bounded(self.nats_server.stop(), "stop nats-server", timeout=15)
         await _bounded(self.database.dispose(), "close database")
         self.started = False
+
+    def api_client(self) -> httpx.AsyncClient:
+        """A client of this platform's public API: in-process when the app is here."""
+        if self._internal_key is None:
+            self._internal_key = self.keys.create_in_memory(role=Role.admin, name="internal")
+        key = self.settings.api_key or self._internal_key
+        headers = {"Authorization": f"Bearer {key}"}
+        if self.app is not None:
+            transport = httpx.ASGITransport(app=self.app)
+            return httpx.AsyncClient(
+                transport=transport, base_url="http://fleetmesh.internal", headers=headers
+            )
+        base_url = self.settings.gateway_url or self.api_url
+        return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30)
 
     async def _ensure_admin_key(self) -> None:
         """On first start, create an admin key and write it to a file only the owner can read."""
@@ -185,7 +204,10 @@ def bootstrap(
     nats_server: EmbeddedNatsServer | None = None
     if settings.external_nats:
         endpoint = NatsEndpoint(
-            servers=settings.external_nats, user=settings.nats_user, password=settings.nats_password
+            servers=settings.external_nats,
+            user=settings.nats_user,
+            password=settings.nats_password,
+            replicas=settings.nats_replicas,
         )
     else:
         ports.nats = choose_port(host, settings.nats_port, DEFAULT_NATS_PORT, what="NATS")

@@ -98,6 +98,15 @@ class ApiKeyStore:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._cache: dict[str, tuple[float, Operator | None]] = {}
+        self._in_memory: dict[str, Operator] = {}
+
+    def create_in_memory(self, *, role: Role, name: str) -> str:
+        """A key that lives only in this process (contexts calling the platform's own API)."""
+        plaintext, prefix = generate_key()
+        self._in_memory[hash_key(plaintext)] = Operator(
+            key_id=f"internal-{prefix}", name=name, role=role
+        )
+        return plaintext
 
     async def create(self, *, role: Role, name: str) -> tuple[ApiKeyRecord, str]:
         """Create a key; the plaintext is returned once and never stored."""
@@ -119,6 +128,9 @@ class ApiKeyStore:
 
     async def authenticate(self, plaintext: str) -> Operator | None:
         digest = hash_key(plaintext)
+        internal = self._in_memory.get(digest)
+        if internal is not None:
+            return internal
         cached = self._cache.get(digest)
         if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]

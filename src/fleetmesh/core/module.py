@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from fastapi import APIRouter
 
 from fleetmesh.core.backbone import Backbone
@@ -31,6 +32,8 @@ class Deps:
     clock: Clock
     on_commit: Callable[[], None]
     live_config: LiveConfig
+    platform_api: Callable[[], httpx.AsyncClient]
+    """A client of the platform's public HTTP API (to read another context's published API)."""
 
 
 @dataclass

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     nats_user: str | None = None
     nats_password: str | None = None
     database_url: str | None = None
+    gateway_url: str | None = None
+    api_key: str | None = None
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     allow_private_webhooks: bool = False
     log_level: str = "INFO"
     log_json: bool = False

@@ -52,6 +52,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.authenticator = Authenticator(platform.keys)
+    platform.app = app
     install_error_handlers(app)
     install_metrics_middleware(app, platform.metrics)
     app.add_middleware(AssumeJson)
