@@ -34,9 +34,9 @@ _MIGRATION_LOCK_ID = 0x46_4C_45_45_54  # "FLEET", one advisory lock for every re
 class Database:
     """An async engine and its session factory; `migrate()` brings the schema up to date."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, shared_sqlite: bool = False) -> None:
         self.url = url
-        self.engine: AsyncEngine = _create_engine(url, echo=echo)
+        self.engine: AsyncEngine = _create_engine(url, echo=echo, shared_sqlite=shared_sqlite)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._sqlite_write_lock = asyncio.Lock()
 
@@ -94,14 +94,34 @@ class Database:
         await self.engine.dispose()
 
 
-def _create_engine(url: str, *, echo: bool) -> AsyncEngine:
+def _create_engine(url: str, *, echo: bool, shared_sqlite: bool) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(
             url, echo=echo, connect_args={"timeout": 30}, poolclass=NullPool
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        if shared_sqlite:
+            _begin_immediate(engine)
         return engine
     return create_async_engine(url, echo=echo, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def _begin_immediate(engine: AsyncEngine) -> None:
+    """Several processes on one SQLite file: take the write lock when a transaction begins.
+
+    The in-process writer lock cannot serialise other processes, and a deferred
+    transaction that reads and then writes fails at once when another process
+    wrote in between; `BEGIN IMMEDIATE` waits (busy_timeout) instead.
+    """
+
+    def no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    def begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine.sync_engine, "connect", no_implicit_begin)
+    event.listen(engine.sync_engine, "begin", begin)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     gateway_url: str | None = None
     api_key: str | None = None
     nats_replicas: int = Field(default=1, ge=1, le=5)
+    shared_sqlite: bool = False
+    callout_issuer_seed: str | None = None
+    registry: str | None = None
     allow_private_webhooks: bool = False
     log_level: str = "INFO"
     log_json: bool = False
