@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from nats.js.api import DiscardPolicy, StreamConfig
 
+from fleetmesh.analytics import module as analytics_module
 from fleetmesh.core.auth import ApiKeyStore, Role
 from fleetmesh.core.backbone import EVENTS_STREAM, Backbone, NatsEndpoint
 from fleetmesh.core.clock import Clock, SystemClock
@@ -47,6 +48,7 @@ ModuleFactory = Callable[[Deps], Module]
 
 CONTEXTS: dict[str, ModuleFactory] = {
     devices_module.NAME: devices_module.create_module,
+    analytics_module.NAME: analytics_module.create_module,
     events_module.NAME: events_module.create_module,
 }
 
@@ -121,6 +123,12 @@ class Platform:
             on_commit=self.relay.wake,
             live_config=self.live_config,
             platform_api=self.api_client,
+            contract_catalog=self.event_contracts,
+            callout_issuer_seed=(
+                self.nats_server.secrets.callout_issuer_seed
+                if self.nats_server
+                else self.settings.callout_issuer_seed
+            ),
         )
         self.modules = [factory(deps) for factory in self.module_factories.values()]
         for module in self.modules:
@@ -141,6 +149,10 @@ class Platform:
             await _bounded(self.nats_server.stop(), "stop nats-server", timeout=15)
         await _bounded(self.database.dispose(), "close database")
         self.started = False
+
+    def event_contracts(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Module name -> event type -> JSON Schema, of every module in this process."""
+        return {module.name: dict(module.event_contracts) for module in self.modules}
 
     def api_client(self) -> httpx.AsyncClient:
         """A client of this platform's public API: in-process when the app is here."""
@@ -224,7 +236,7 @@ def bootstrap(
             servers=[nats_server.url], user=SERVICE_USER, password=nats_secrets.service_password
         )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    database = database or Database(settings.sqlalchemy_url)
+    database = database or Database(settings.sqlalchemy_url, shared_sqlite=settings.shared_sqlite)
     backbone = Backbone(endpoint)
     metrics = Metrics()
     selected = contexts or list(CONTEXTS)

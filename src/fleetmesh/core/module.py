@@ -21,6 +21,10 @@ async def _nothing() -> None:
     return None
 
 
+def _no_contracts() -> dict[str, dict[str, dict[str, Any]]]:
+    return {}
+
+
 @dataclass
 class Deps:
     """The shared infrastructure a context is built from."""
@@ -34,6 +38,10 @@ class Deps:
     live_config: LiveConfig
     platform_api: Callable[[], httpx.AsyncClient]
     """A client of the platform's public HTTP API (to read another context's published API)."""
+    callout_issuer_seed: str | None = None
+    """The nkey seed that signs auth callout answers (embedded NATS); None: no callout here."""
+    contract_catalog: Callable[[], dict[str, dict[str, dict[str, Any]]]] = _no_contracts
+    """Module name -> event type -> JSON Schema of every module of this process (read at start)."""
 
 
 @dataclass
@@ -45,3 +53,5 @@ class Module:
     start: Callable[[], Awaitable[None]] = _nothing
     stop: Callable[[], Awaitable[None]] = _nothing
     provides: dict[str, Any] = field(default_factory=dict)
+    event_contracts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Event type -> JSON Schema of the integration events this context publishes."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fleetmesh.core.module import Deps, Module
+from fleetmesh.devices import contracts
 from fleetmesh.devices.api import create_router
 from fleetmesh.devices.credentials import CredentialHasher
+from fleetmesh.devices.mqtt_auth import MqttAuthResponder
 from fleetmesh.devices.service import DeviceQueries, DevicesUnitOfWork
 from fleetmesh.devices.verify import VerifyResponder
 
@@ -23,11 +25,20 @@ def create_module(deps: Deps) -> Module:
     )
 
     responder = VerifyResponder(deps.backbone, queries)
+    mqtt_auth = (
+        MqttAuthResponder(deps.backbone, queries, deps.callout_issuer_seed)
+        if deps.callout_issuer_seed
+        else None
+    )
 
     async def start() -> None:
         await responder.start()
+        if mqtt_auth is not None:
+            await mqtt_auth.start()
 
     async def stop() -> None:
+        if mqtt_auth is not None:
+            await mqtt_auth.stop()
         await responder.stop()
         hasher.close()
 
@@ -37,4 +48,5 @@ def create_module(deps: Deps) -> Module:
         start=start,
         stop=stop,
         provides={"device_verifier": queries},
+        event_contracts=contracts.SCHEMAS,
     )
