@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 from nats.js.api import DiscardPolicy, StreamConfig
 
-from fleetmesh.analytics import module as analytics_module
 from fleetmesh.core.auth import ApiKeyStore, Role
 from fleetmesh.core.backbone import EVENTS_STREAM, Backbone, NatsEndpoint
 from fleetmesh.core.clock import Clock, SystemClock
@@ -48,7 +47,6 @@ ModuleFactory = Callable[[Deps], Module]
 
 CONTEXTS: dict[str, ModuleFactory] = {
     devices_module.NAME: devices_module.create_module,
-    analytics_module.NAME: analytics_module.create_module,
     events_module.NAME: events_module.create_module,
 }
 
