@@ -58,6 +58,15 @@ def up(
     demo_devices: Annotated[
         int, typer.Option(min=0, max=1000, help="Also run this many simulated demo devices.")
     ] = 0,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            help="A 3-node NATS cluster and every context as separate processes, on loopback."
+        ),
+    ] = False,
+    replicas: Annotated[
+        int, typer.Option(min=1, max=8, help="With --distributed: processes per context.")
+    ] = 1,
 ) -> None:
     """Run the whole platform here: API, console, MQTT and an embedded NATS JetStream."""
     configure_logging(log_level, json_output=log_json)
@@ -73,6 +82,10 @@ def up(
         log_level=log_level,
         log_json=log_json,
     )
+    if distributed:
+        from fleetmesh.cli.distributed import run_distributed
+
+        raise typer.Exit(run_distributed(settings, replicas=replicas))
     after_start = None
     if demo_devices:
 
@@ -106,10 +119,10 @@ def serve(settings: Settings, *, after_start: AfterStart | None = None) -> None:
         lifespan="on",
         access_log=False,
     )
-    _QuietExitServer(config).run()
+    QuietExitServer(config).run()
 
 
-class _QuietExitServer(uvicorn.Server):
+class QuietExitServer(uvicorn.Server):
     """Ctrl-C and SIGTERM end a clean, staged shutdown with exit code 0.
 
     uvicorn re-raises the signal once it has shut down, which would turn a

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from fastapi import APIRouter
 
-from fleetmesh.core.backbone import Backbone
+from fleetmesh.core.backbone import Backbone, NatsEndpoint
 from fleetmesh.core.clock import Clock
 from fleetmesh.core.database import Database
 from fleetmesh.core.live_config import LiveConfig
@@ -42,6 +42,8 @@ class Deps:
     """The nkey seed that signs auth callout answers (embedded NATS); None: no callout here."""
     contract_catalog: Callable[[], dict[str, dict[str, dict[str, Any]]]] = _no_contracts
     """Module name -> event type -> JSON Schema of every module of this process (read at start)."""
+    system_nats: NatsEndpoint | None = None
+    """The NATS system account (MQTT connect/disconnect events, CONNZ); None: not available."""
 
 
 @dataclass

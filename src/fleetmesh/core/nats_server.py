@@ -125,7 +125,7 @@ authorization {{
 """
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask Linux to SIGTERM the child when fleetmesh dies, even by SIGKILL: no orphans."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -190,7 +190,7 @@ class EmbeddedNatsServer:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 # Its own session: a Ctrl-C in the terminal reaches fleetmesh, which
                 # then stops nats-server last, after flushing what it still holds.
                 start_new_session=True,

@@ -29,6 +29,7 @@ def create_app(
     *,
     manage_lifecycle: bool = False,
     on_started: Callable[[Platform], Awaitable[None]] | None = None,
+    on_stopping: Callable[[Platform], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """Build the ASGI app; with `manage_lifecycle` the app starts and stops the platform."""
 
@@ -42,6 +43,8 @@ def create_app(
         try:
             yield
         finally:
+            if on_stopping is not None:
+                await on_stopping(platform)
             if manage_lifecycle:
                 await platform.stop()
 

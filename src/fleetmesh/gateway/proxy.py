@@ -8,6 +8,7 @@ is 503 with `Retry-After`, as problem+json.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Protocol
 
@@ -19,6 +20,7 @@ from fleetmesh.core.errors import PROBLEM_BASE
 from fleetmesh.core.http import PROBLEM_JSON
 from fleetmesh.gateway.routes import RouteTable
 
+_DEVICE_IN_PATH = re.compile(r"/devices/([^/:]+)")
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 HOP_BY_HOP = frozenset(
     {
@@ -76,7 +78,8 @@ class Forwarder:
             return _problem(
                 404, "Not found", f"No service serves {request.method} {request.url.path}."
             )
-        candidates = self.picker.candidates(service, key=request.path_params.get("device_id"))
+        device = _DEVICE_IN_PATH.search(request.url.path)
+        candidates = self.picker.candidates(service, key=device.group(1) if device else None)
         if not candidates:
             return _problem(
                 503, "Service unavailable", f"No healthy instance of {service}.", retry_after=1
