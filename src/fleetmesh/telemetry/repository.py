@@ -1,0 +1,410 @@
+"""SQL adapters of the telemetry context's write side: projection, points, retention."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    case,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fleetmesh.telemetry.contracts import IngestMessage
+from fleetmesh.telemetry.tables import (
+    POINT_COLUMNS,
+    ROLLUP_BUCKET_MS,
+    SQLITE_INSERT_POINTS,
+    PointRow,
+    chunks,
+    dialect_of,
+    insert_for,
+    rowcount,
+    telemetry_batches,
+    telemetry_device_types,
+    telemetry_devices,
+    telemetry_latest,
+    telemetry_points,
+    telemetry_rollups,
+)
+
+# --------------------------------------------------------------------------- projection
+
+
+@dataclass(frozen=True, slots=True)
+class TypeRow:
+    name: str
+    telemetry_schema: dict[str, Any]
+    transforms: list[dict[str, Any]] | None
+    retention_days: float | None
+    rollup_days: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    device_id: str
+    type_name: str
+    active: bool
+
+
+class ProjectionRepository:
+    """Device types and devices as telemetry knows them, inside one transaction."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def upsert_type(
+        self,
+        name: str,
+        telemetry_schema: dict[str, Any],
+        *,
+        expected_interval_s: float | None,
+        offline_timeout_s: float | None,
+        now: datetime,
+    ) -> None:
+        """Take the registry's definition; keep what telemetry owns (transforms, retention)."""
+        values = {
+            "name": name,
+            "telemetry_schema": telemetry_schema,
+            "expected_interval_s": expected_interval_s,
+            "offline_timeout_s": offline_timeout_s,
+            "updated_at": now,
+        }
+        statement = insert_for(self.session)(telemetry_device_types).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=["name"],
+            set_={k: statement.excluded[k] for k in values if k != "name"},
+        )
+        await self.session.execute(statement)
+
+    async def add_device(self, device_id: str, type_name: str, registered_at: datetime) -> None:
+        """Idempotent; never re-activates a device whose deregistration was seen first."""
+        statement = insert_for(self.session)(telemetry_devices).values(
+            device_id=device_id,
+            type_name=type_name,
+            active=True,
+            registered_at=registered_at,
+            deregistered_at=None,
+        )
+        await self.session.execute(statement.on_conflict_do_nothing(index_elements=["device_id"]))
+
+    async def deactivate_device(
+        self, device_id: str, type_name: str | None, deregistered_at: datetime
+    ) -> None:
+        statement = insert_for(self.session)(telemetry_devices).values(
+            device_id=device_id,
+            type_name=type_name or "",
+            active=False,
+            registered_at=None,
+            deregistered_at=deregistered_at,
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=["device_id"],
+            set_={"active": False, "deregistered_at": deregistered_at},
+        )
+        await self.session.execute(statement)
+
+    async def set_transforms(self, name: str, transforms: list[dict[str, Any]]) -> bool:
+        result = await self.session.execute(
+            update(telemetry_device_types)
+            .where(telemetry_device_types.c.name == name)
+            .values(transforms=transforms)
+        )
+        return rowcount(result) > 0
+
+    async def set_retention(self, name: str, days: float | None, rollup_days: float | None) -> bool:
+        result = await self.session.execute(
+            update(telemetry_device_types)
+            .where(telemetry_device_types.c.name == name)
+            .values(retention_days=days, rollup_days=rollup_days)
+        )
+        return rowcount(result) > 0
+
+    async def all_types(self) -> list[TypeRow]:
+        rows = (await self.session.execute(select(telemetry_device_types))).all()
+        return [_type_row(row) for row in rows]
+
+    async def types_named(self, names: Sequence[str]) -> list[TypeRow]:
+        found: list[TypeRow] = []
+        t = telemetry_device_types
+        for chunk in chunks(names, 500):
+            rows = await self.session.execute(select(t).where(t.c.name.in_(chunk)))
+            found.extend(_type_row(row) for row in rows)
+        return found
+
+    async def all_devices(self) -> list[DeviceRow]:
+        d = telemetry_devices
+        rows = await self.session.execute(select(d.c.device_id, d.c.type_name, d.c.active))
+        return [DeviceRow(r.device_id, r.type_name, bool(r.active)) for r in rows]
+
+    async def devices_with_ids(self, device_ids: Sequence[str]) -> list[DeviceRow]:
+        found: list[DeviceRow] = []
+        d = telemetry_devices
+        for chunk in chunks(device_ids, 500):
+            rows = await self.session.execute(
+                select(d.c.device_id, d.c.type_name, d.c.active).where(d.c.device_id.in_(chunk))
+            )
+            found.extend(DeviceRow(r.device_id, r.type_name, bool(r.active)) for r in rows)
+        return found
+
+
+def _type_row(row: Any) -> TypeRow:
+    return TypeRow(
+        name=row.name,
+        telemetry_schema=dict(row.telemetry_schema or {}),
+        transforms=list(row.transforms) if row.transforms is not None else None,
+        retention_days=row.retention_days,
+        rollup_days=row.rollup_days,
+    )
+
+
+# --------------------------------------------------------------------------- the writer's side
+
+
+@dataclass(frozen=True, slots=True)
+class LatestRow:
+    device_id: str
+    metric: str
+    ts: int
+    value_num: float | None
+    value_text: str | None
+    value_bool: bool | None
+    quality: float
+    message_id: str
+
+
+class PointStore:
+    """Stores batches of points in the unit of work's transaction, as fast as the driver allows."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    @property
+    def dialect(self) -> str:
+        return dialect_of(self.session)
+
+    async def claim(self, messages: Sequence[IngestMessage], stored_at: datetime) -> set[str]:
+        """Record the messages as stored; returns the ids that were not stored before.
+
+        Runs first in the transaction: on PostgreSQL a concurrent writer holding the same id
+        waits here until the other commits, then skips it.
+        """
+        rows = [
+            {
+                "message_id": m.id,
+                "device_id": m.device_id,
+                "count": len(m.points),
+                "first_ts": min(p.ts_ms for p in m.points),
+                "last_ts": max(p.ts_ms for p in m.points),
+                "stored_at": stored_at,
+            }
+            for m in messages
+        ]
+        statement = (
+            insert_for(self.session)(telemetry_batches)
+            .on_conflict_do_nothing(index_elements=["message_id"])
+            .returning(telemetry_batches.c.message_id)
+        )
+        return set((await self.session.execute(statement, rows)).scalars())
+
+    async def insert_points(self, rows: Sequence[PointRow]) -> None:
+        """One INSERT for many rows: SQLite ``executemany``, PostgreSQL binary ``COPY``."""
+        if not rows:
+            return
+        connection = await self.session.connection()
+        raw = (await connection.get_raw_connection()).driver_connection
+        if raw is None:
+            raise RuntimeError("no driver connection")
+        if self.dialect == "postgresql":
+            await raw.copy_records_to_table(
+                "telemetry_points", records=rows, columns=list(POINT_COLUMNS)
+            )
+            return
+        cursor = await raw.executemany(SQLITE_INSERT_POINTS, rows)
+        await cursor.close()
+
+    async def upsert_latest(self, rows: Iterable[LatestRow]) -> None:
+        values = [
+            {
+                "device_id": r.device_id,
+                "metric": r.metric,
+                "ts": r.ts,
+                "value_num": r.value_num,
+                "value_text": r.value_text,
+                "value_bool": r.value_bool,
+                "quality": r.quality,
+                "message_id": r.message_id,
+            }
+            for r in rows
+        ]
+        if not values:
+            return
+        statement = insert_for(self.session)(telemetry_latest)
+        changed = [c for c in POINT_COLUMNS if c not in ("device_id", "metric")]
+        statement = statement.on_conflict_do_update(
+            index_elements=["device_id", "metric"],
+            set_={name: statement.excluded[name] for name in changed},
+            where=statement.excluded.ts >= telemetry_latest.c.ts,
+        )
+        await self.session.execute(statement, values)
+
+    async def stored(self, message_id: str) -> bool:
+        found = await self.session.scalar(
+            select(telemetry_batches.c.message_id).where(
+                telemetry_batches.c.message_id == message_id
+            )
+        )
+        return found is not None
+
+
+# --------------------------------------------------------------------------- retention
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    device_id: str
+    metric: str
+
+
+class RetentionStore:
+    """Bounded deletes of expired rows, with optional hourly roll-ups, in one transaction."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def series_of(self, device_ids: Sequence[str] | None) -> list[Series]:
+        """Every (device, metric) that has data; ``None`` means every device."""
+        statement = select(telemetry_latest.c.device_id, telemetry_latest.c.metric)
+        if device_ids is not None:
+            statement = statement.where(telemetry_latest.c.device_id.in_(device_ids))
+        rows = await self.session.execute(statement.order_by("device_id", "metric"))
+        return [Series(r.device_id, r.metric) for r in rows]
+
+    async def batch_threshold(self, series: Series, cutoff_ms: int, batch_rows: int) -> int | None:
+        """The newest ts of the oldest ``batch_rows`` expired rows, or None if there are none.
+
+        Deleting ``ts <= threshold`` removes at least ``batch_rows`` rows (a few more when
+        timestamps tie), an index range on every store, with neither rowid nor ctid.
+        """
+        p = telemetry_points
+        base = (
+            select(p.c.ts)
+            .where(p.c.device_id == series.device_id, p.c.metric == series.metric)
+            .where(p.c.ts < cutoff_ms)
+            .order_by(p.c.ts)
+        )
+        threshold = await self.session.scalar(base.offset(batch_rows - 1).limit(1))
+        if threshold is not None:
+            return int(threshold)
+        newest = await self.session.scalar(
+            select(func.max(p.c.ts)).where(
+                p.c.device_id == series.device_id,
+                p.c.metric == series.metric,
+                p.c.ts < cutoff_ms,
+            )
+        )
+        return int(newest) if newest is not None else None
+
+    async def roll_up(self, series: Series, up_to_ms: int) -> None:
+        """Fold the numeric rows with ``ts <= up_to_ms`` into hourly roll-ups (merging)."""
+        p = telemetry_points
+        sql = text(
+            "SELECT (ts / :iv) * :iv AS bucket, COUNT(*) AS n, SUM(value_num) AS s,"
+            " MIN(value_num) AS lo, MAX(value_num) AS hi, MAX(ts) AS last_ts"
+            " FROM telemetry_points WHERE device_id = :d AND metric = :m AND ts <= :t"
+            " AND value_num IS NOT NULL GROUP BY (ts / :iv) * :iv"
+        )
+        params = {"iv": ROLLUP_BUCKET_MS, "d": series.device_id, "m": series.metric, "t": up_to_ms}
+        groups = (await self.session.execute(sql, params)).all()
+        if not groups:
+            return
+        values: list[dict[str, Any]] = []
+        for g in groups:
+            last_value = await self.session.scalar(
+                select(p.c.value_num)
+                .where(p.c.device_id == series.device_id, p.c.metric == series.metric)
+                .where(p.c.ts == g.last_ts, p.c.value_num.is_not(None))
+                .limit(1)
+            )
+            values.append(
+                {
+                    "device_id": series.device_id,
+                    "metric": series.metric,
+                    "bucket": int(g.bucket),
+                    "count": int(g.n),
+                    "sum": float(g.s),
+                    "min": float(g.lo),
+                    "max": float(g.hi),
+                    "last_ts": int(g.last_ts),
+                    "last_value": float(last_value if last_value is not None else 0.0),
+                }
+            )
+        r = telemetry_rollups
+        statement = insert_for(self.session)(r)
+        excluded = statement.excluded
+        statement = statement.on_conflict_do_update(
+            index_elements=["device_id", "metric", "bucket"],
+            set_={
+                "count": r.c.count + excluded["count"],
+                "sum": r.c.sum + excluded["sum"],
+                "min": _least(r.c.min, excluded["min"]),
+                "max": _greatest(r.c.max, excluded["max"]),
+                "last_ts": _greatest(r.c.last_ts, excluded["last_ts"]),
+                "last_value": _newer(
+                    r.c.last_ts, excluded["last_ts"], r.c.last_value, excluded["last_value"]
+                ),
+            },
+        )
+        await self.session.execute(statement, values)
+
+    async def delete_points(self, series: Series, up_to_ms: int) -> int:
+        p = telemetry_points
+        result = await self.session.execute(
+            delete(p)
+            .where(p.c.device_id == series.device_id, p.c.metric == series.metric)
+            .where(p.c.ts <= up_to_ms)
+        )
+        return rowcount(result)
+
+    async def delete_rollups(self, series: Series, before_ms: int) -> int:
+        r = telemetry_rollups
+        result = await self.session.execute(
+            delete(r)
+            .where(r.c.device_id == series.device_id, r.c.metric == series.metric)
+            .where(r.c.bucket < before_ms)
+        )
+        return rowcount(result)
+
+    async def delete_batches(self, before_message_id: str, limit: int) -> int:
+        """Forget processed message ids older than the redelivery horizon (ULIDs sort by time)."""
+        b = telemetry_batches
+        oldest = (
+            select(b.c.message_id)
+            .where(b.c.message_id < before_message_id)
+            .order_by(b.c.message_id)
+            .limit(limit)
+        )
+        ids = list((await self.session.execute(oldest)).scalars())
+        if not ids:
+            return 0
+        result = await self.session.execute(delete(b).where(b.c.message_id.in_(ids)))
+        return rowcount(result)
+
+
+def _least(a: Any, b: Any) -> Any:
+    return case((b < a, b), else_=a)
+
+
+def _greatest(a: Any, b: Any) -> Any:
+    return case((b > a, b), else_=a)
+
+
+def _newer(ts_a: Any, ts_b: Any, value_a: Any, value_b: Any) -> Any:
+    return case((ts_b >= ts_a, value_b), else_=value_a)
