@@ -1,0 +1,693 @@
+"""Tables of the status context and their SQLAlchemy adapters (SQLite and PostgreSQL).
+
+- `status_device_types` / the type columns of `status_devices`: the projection
+  of the device registry this context needs (type, timeouts, expected interval).
+- `status_devices`: the current status of each device (one row, `version` for
+  optimistic concurrency), its liveness (`last_seen`, open MQTT connection)
+  and its health-check schedule (`check_attempt`, `next_check_at`): the store is
+  the source of truth the in-memory timers are rebuilt from.
+- `status_history`: one row per transition, keyed by `(device_id, sequence)`;
+  sequence 0 is the registration.
+- `status_health_checks`: every ping sent to an offline device and its outcome.
+- `status_quality`: telemetry quality per device and hour (points, sum of scores).
+- `status_offsets`: how far a consumer's side effects that are not idempotent
+  by themselves (quality sums) have been committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fleetmesh.core.sqltypes import UtcDateTime
+from fleetmesh.status.domain import (
+    MAX_OFFLINE_TIMEOUT_S,
+    DeviceState,
+    DeviceStatus,
+    StatusChanged,
+)
+
+metadata = MetaData()
+
+status_device_types = Table(
+    "status_device_types",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("offline_timeout_s", Float, nullable=True),
+    Column("expected_interval_s", Float, nullable=True),
+)
+
+status_devices = Table(
+    "status_devices",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("type_name", String(63), nullable=True),
+    Column("status", String(20), nullable=False),
+    Column("cause", String(20), nullable=False),
+    Column("since", UtcDateTime(), nullable=False),
+    Column("last_update", UtcDateTime(), nullable=False),
+    Column("last_seen", UtcDateTime(), nullable=True),
+    Column("sequence", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("timeout_override_s", Float, nullable=True),
+    Column("mqtt_connected", Boolean, nullable=False),
+    Column("check_attempt", Integer, nullable=False),
+    Column("next_check_at", UtcDateTime(), nullable=True),
+    Column("quality_recent", Float, nullable=True),
+    Column("registered_at", UtcDateTime(), nullable=False),
+    Index("ix_status_devices_status_since", "status", "since"),
+    Index("ix_status_devices_type_status", "type_name", "status"),
+    Index("ix_status_devices_status_quality", "status", "quality_recent"),
+)
+
+status_history = Table(
+    "status_history",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("sequence", Integer, primary_key=True),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("previous", String(20), nullable=True),
+    Column("current", String(20), nullable=False),
+    Column("cause", String(20), nullable=False),
+    Column("detail", Text, nullable=False),
+    Index("ix_status_history_at", "at"),
+)
+
+status_health_checks = Table(
+    "status_health_checks",
+    metadata,
+    Column("command_id", String(26), primary_key=True),
+    Column("device_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("sent_at", UtcDateTime(), nullable=False),
+    Column("answered_at", UtcDateTime(), nullable=True),
+    Column("outcome", String(10), nullable=False),
+    Index("ix_status_health_checks_device_sent", "device_id", "sent_at"),
+)
+
+status_quality = Table(
+    "status_quality",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("bucket", UtcDateTime(), primary_key=True),
+    Column("points", BigInteger, nullable=False),
+    Column("quality_sum", Float, nullable=False),
+)
+
+status_offsets = Table(
+    "status_offsets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)
+
+REGISTRATION_CAUSE = "registered"
+"""The `cause` of history row 0 (not a transition, so not a `StatusCause`)."""
+
+PENDING, ANSWERED, FAILED = "pending", "answered", "failed"
+_CHUNK = 500
+
+
+class ConcurrentUpdate(RuntimeError):
+    """A row changed under us (its version moved); the caller retries."""
+
+
+@dataclass(eq=False)
+class TrackedDevice:
+    """A device's status aggregate with the columns around it."""
+
+    status: DeviceStatus
+    type_name: str | None
+    cause: str
+    registered_at: datetime
+    timeout_override_s: float | None = None
+    type_timeout_s: float | None = None
+    expected_interval_s: float | None = None
+    mqtt_connected: bool = False
+    check_attempt: int = 0
+    next_check_at: datetime | None = None
+    quality_recent: float | None = None
+    stored_version: int = 0
+    extra_changed: bool = False
+    """A column outside the aggregate changed (flag, schedule, quality, type)."""
+
+    @property
+    def device_id(self) -> str:
+        return self.status.device_id
+
+    @property
+    def changed(self) -> bool:
+        return self.extra_changed or self.status.version != self.stored_version
+
+
+@dataclass(frozen=True, slots=True)
+class QualitySample:
+    device_id: str
+    bucket: datetime
+    points: int
+    quality_sum: float
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    device_id: str
+    sequence: int
+    at: datetime
+    previous: str | None
+    current: str
+    cause: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckCounts:
+    answered: int = 0
+    failed: int = 0
+
+
+def resolve_timeout(
+    override: float | None, type_timeout: float | None, default_timeout: float
+) -> float:
+    """The device's own timeout, else its type's, else the live default (at most a year)."""
+    for candidate in (override, type_timeout):
+        if candidate is not None and candidate > 0:
+            return min(float(candidate), MAX_OFFLINE_TIMEOUT_S)
+    return default_timeout
+
+
+_TRACKED_COLUMNS = (
+    *status_devices.c,
+    status_device_types.c.offline_timeout_s.label("type_timeout_s"),
+    status_device_types.c.expected_interval_s,
+)
+_JOINED = status_devices.outerjoin(
+    status_device_types, status_device_types.c.name == status_devices.c.type_name
+)
+
+
+class SqlStatusRepository:
+    """Writes and locked reads inside one unit of work."""
+
+    def __init__(self, session: AsyncSession, dialect: str) -> None:
+        self.session = session
+        self.dialect = dialect
+
+    # ------------------------------------------------------------ devices
+
+    async def load(
+        self, device_ids: Iterable[str], *, default_timeout_s: float
+    ) -> dict[str, TrackedDevice]:
+        """The tracked devices among these ids, locked for update on PostgreSQL."""
+        found: dict[str, TrackedDevice] = {}
+        for chunk in _chunks(sorted(set(device_ids))):
+            statement = (
+                select(*_TRACKED_COLUMNS)
+                .select_from(_JOINED)
+                .where(status_devices.c.device_id.in_(chunk))
+                .order_by(status_devices.c.device_id)
+            )
+            if self.dialect == "postgresql":
+                statement = statement.with_for_update(of=status_devices)
+            for row in (await self.session.execute(statement)).all():
+                tracked = tracked_from_row(row, default_timeout_s)
+                found[tracked.device_id] = tracked
+        return found
+
+    async def insert_many(self, new_devices: Sequence[TrackedDevice]) -> None:
+        """Store newly registered devices with their history row 0 (the registration)."""
+        if not new_devices:
+            return
+        await self.session.execute(insert(status_devices), [_device_row(d) for d in new_devices])
+        await self.session.execute(
+            insert(status_history),
+            [
+                {
+                    "device_id": d.device_id,
+                    "sequence": 0,
+                    "at": d.registered_at,
+                    "previous": None,
+                    "current": DeviceState.REGISTERED.value,
+                    "cause": REGISTRATION_CAUSE,
+                    "detail": "",
+                }
+                for d in new_devices
+            ],
+        )
+        for tracked in new_devices:
+            tracked.stored_version = tracked.status.version
+            tracked.extra_changed = False
+
+    async def save_many(self, devices: Sequence[TrackedDevice]) -> None:
+        """Write the changed devices, each only if its version is the one loaded."""
+        changed = [d for d in devices if d.changed]
+        if not changed:
+            return
+        for tracked in changed:
+            if tracked.status.version == tracked.stored_version:
+                tracked.status.version += 1  # every write moves the version
+        params = []
+        for tracked in changed:
+            row = _device_row(tracked)
+            row["b_device_id"] = row.pop("device_id")
+            row["b_version"] = tracked.stored_version
+            for fixed in ("registered_at",):
+                row.pop(fixed)
+            params.append(row)
+        columns: dict[str, Any] = {
+            name: bindparam(name) for name in params[0] if not name.startswith("b_")
+        }
+        statement = (
+            update(status_devices)
+            .where(status_devices.c.device_id == bindparam("b_device_id"))
+            .where(status_devices.c.version == bindparam("b_version"))
+            .values(**columns)
+        )
+        result = await self.session.execute(statement, params)
+        rowcount = getattr(result, "rowcount", -1)
+        if rowcount is not None and rowcount >= 0 and rowcount != len(params):
+            raise ConcurrentUpdate(f"{len(params) - rowcount} status rows changed concurrently")
+        for tracked in changed:
+            tracked.stored_version = tracked.status.version
+            tracked.extra_changed = False
+
+    async def add_history(self, changes: Sequence[StatusChanged]) -> None:
+        if changes:
+            await self.session.execute(
+                insert(status_history),
+                [
+                    {
+                        "device_id": c.device_id,
+                        "sequence": c.sequence,
+                        "at": c.at,
+                        "previous": c.previous.value,
+                        "current": c.current.value,
+                        "cause": c.cause.value,
+                        "detail": c.detail,
+                    }
+                    for c in changes
+                ],
+            )
+
+    async def upsert_type(
+        self, name: str, offline_timeout_s: float | None, expected_interval_s: float | None
+    ) -> bool:
+        """Store a device type; True if its timeout changed (online devices need new deadlines)."""
+        current = (
+            await self.session.execute(
+                select(status_device_types).where(status_device_types.c.name == name)
+            )
+        ).first()
+        values = {
+            "offline_timeout_s": offline_timeout_s,
+            "expected_interval_s": expected_interval_s,
+        }
+        if current is None:
+            await self.session.execute(insert(status_device_types).values(name=name, **values))
+            return True
+        if (current.offline_timeout_s, current.expected_interval_s) == (
+            offline_timeout_s,
+            expected_interval_s,
+        ):
+            return False
+        await self.session.execute(
+            update(status_device_types).where(status_device_types.c.name == name).values(**values)
+        )
+        return bool(current.offline_timeout_s != offline_timeout_s)
+
+    # ------------------------------------------------------------ quality and offsets
+
+    async def add_quality(self, samples: Sequence[QualitySample]) -> None:
+        merged: dict[tuple[str, datetime], list[float]] = {}
+        for sample in samples:
+            entry = merged.setdefault((sample.device_id, sample.bucket), [0, 0.0])
+            entry[0] += sample.points
+            entry[1] += sample.quality_sum
+        if not merged:
+            return
+        rows = [
+            {"device_id": d, "bucket": b, "points": int(p), "quality_sum": s}
+            for (d, b), (p, s) in merged.items()
+        ]
+        statement = self._insert(status_quality)
+        statement = statement.on_conflict_do_update(
+            index_elements=["device_id", "bucket"],
+            set_={
+                "points": status_quality.c.points + statement.excluded.points,
+                "quality_sum": status_quality.c.quality_sum + statement.excluded.quality_sum,
+            },
+        )
+        await self.session.execute(statement, rows)
+
+    async def get_offset(self, name: str) -> int:
+        seq = await self.session.scalar(
+            select(status_offsets.c.seq).where(status_offsets.c.name == name)
+        )
+        return int(seq or 0)
+
+    async def raise_offset(self, name: str, seq: int) -> None:
+        statement = self._insert(status_offsets).values(name=name, seq=seq)
+        statement = statement.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"seq": func.max(status_offsets.c.seq, statement.excluded.seq)}
+            if self.dialect == "sqlite"
+            else {"seq": func.greatest(status_offsets.c.seq, statement.excluded.seq)},
+        )
+        await self.session.execute(statement)
+
+    def _insert(self, table: Table) -> Any:
+        if self.dialect == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    # ------------------------------------------------------------ health checks
+
+    async def add_checks(self, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            await self.session.execute(insert(status_health_checks), list(rows))
+
+    async def fail_pending_checks(self, device_ids: Sequence[str]) -> None:
+        for chunk in _chunks(device_ids):
+            await self.session.execute(
+                update(status_health_checks)
+                .where(status_health_checks.c.device_id.in_(chunk))
+                .where(status_health_checks.c.outcome == PENDING)
+                .values(outcome=FAILED)
+            )
+
+    async def answer_checks(
+        self, answers: Sequence[tuple[str, str, datetime]]
+    ) -> set[tuple[str, str]]:
+        """Mark `(device_id, command_id, at)` answers; returns the ones that were our pings."""
+        if not answers:
+            return set()
+        command_ids = [command_id for _, command_id, _ in answers]
+        known: set[tuple[str, str]] = set()
+        for chunk in _chunks(command_ids):
+            rows = await self.session.execute(
+                select(status_health_checks.c.device_id, status_health_checks.c.command_id).where(
+                    status_health_checks.c.command_id.in_(chunk)
+                )
+            )
+            known.update((row.device_id, row.command_id) for row in rows)
+        matched = [(d, c, at) for d, c, at in answers if (d, c) in known]
+        if matched:
+            await self.session.execute(
+                update(status_health_checks)
+                .where(status_health_checks.c.command_id == bindparam("b_command_id"))
+                .where(status_health_checks.c.answered_at.is_(None))
+                .values(answered_at=bindparam("answered_at"), outcome=ANSWERED),
+                [{"b_command_id": c, "answered_at": at} for _, c, at in matched],
+            )
+        return {(d, c) for d, c, _ in matched}
+
+
+class StatusReader:
+    """Read-only queries (no locks): timers rebuild, API views, fleet aggregates."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, device_id: str, *, default_timeout_s: float) -> TrackedDevice | None:
+        row = (
+            await self.session.execute(
+                select(*_TRACKED_COLUMNS)
+                .select_from(_JOINED)
+                .where(status_devices.c.device_id == device_id)
+            )
+        ).first()
+        return tracked_from_row(row, default_timeout_s) if row else None
+
+    async def get_many(
+        self, device_ids: Sequence[str], *, default_timeout_s: float
+    ) -> list[TrackedDevice]:
+        found: list[TrackedDevice] = []
+        for chunk in _chunks(device_ids):
+            rows = await self.session.execute(
+                select(*_TRACKED_COLUMNS)
+                .select_from(_JOINED)
+                .where(status_devices.c.device_id.in_(chunk))
+            )
+            found.extend(tracked_from_row(row, default_timeout_s) for row in rows)
+        return found
+
+    async def timer_rows(
+        self, *, type_name: str | None = None, default_only: bool = False
+    ) -> list[Any]:
+        """Online devices (for deadlines) and offline ones with a health check due."""
+        statement = (
+            select(
+                status_devices.c.device_id,
+                status_devices.c.status,
+                status_devices.c.since,
+                status_devices.c.last_seen,
+                status_devices.c.timeout_override_s,
+                status_devices.c.next_check_at,
+                status_device_types.c.offline_timeout_s.label("type_timeout_s"),
+            )
+            .select_from(_JOINED)
+            .where(
+                or_(
+                    status_devices.c.status == DeviceState.ONLINE.value,
+                    and_(
+                        status_devices.c.status == DeviceState.OFFLINE.value,
+                        status_devices.c.next_check_at.is_not(None),
+                    ),
+                )
+            )
+        )
+        if type_name is not None:
+            statement = statement.where(status_devices.c.type_name == type_name)
+        if default_only:
+            statement = statement.where(
+                status_devices.c.timeout_override_s.is_(None),
+                status_device_types.c.offline_timeout_s.is_(None),
+            )
+        return list((await self.session.execute(statement)).all())
+
+    async def mqtt_connected_ids(self) -> set[str]:
+        rows = await self.session.execute(
+            select(status_devices.c.device_id).where(status_devices.c.mqtt_connected.is_(True))
+        )
+        return {row.device_id for row in rows}
+
+    async def history(
+        self,
+        device_id: str,
+        *,
+        start: datetime | None,
+        end: datetime | None,
+        after_sequence: int,
+        limit: int,
+    ) -> list[HistoryRow]:
+        statement = (
+            select(status_history)
+            .where(status_history.c.device_id == device_id)
+            .where(status_history.c.sequence > after_sequence)
+            .order_by(status_history.c.sequence)
+            .limit(limit)
+        )
+        if start is not None:
+            statement = statement.where(status_history.c.at >= start)
+        if end is not None:
+            statement = statement.where(status_history.c.at < end)
+        return [HistoryRow(**row._mapping) for row in await self.session.execute(statement)]
+
+    async def history_points(
+        self, device_ids: Sequence[str], start: datetime
+    ) -> dict[str, list[tuple[datetime, str]]]:
+        """Each device's transitions from `start` on, plus the one in force at `start`."""
+        points: dict[str, list[tuple[datetime, str]]] = {d: [] for d in device_ids}
+        h = status_history.c
+        for chunk in _chunks(device_ids):
+            latest_before = (
+                select(h.device_id, func.max(h.sequence).label("sequence"))
+                .where(h.device_id.in_(chunk))
+                .where(h.at < start)
+                .group_by(h.device_id)
+                .subquery()
+            )
+            in_force = await self.session.execute(
+                select(h.device_id, h.at, h.current).join(
+                    latest_before,
+                    and_(
+                        latest_before.c.device_id == h.device_id,
+                        latest_before.c.sequence == h.sequence,
+                    ),
+                )
+            )
+            for row in in_force:
+                points[row.device_id].append((row.at, row.current))
+            later = await self.session.execute(
+                select(h.device_id, h.at, h.current)
+                .where(h.device_id.in_(chunk))
+                .where(h.at >= start)
+                .order_by(h.device_id, h.sequence)
+            )
+            for row in later:
+                points[row.device_id].append((row.at, row.current))
+        return points
+
+    async def quality(
+        self, device_ids: Sequence[str], since_bucket: datetime
+    ) -> dict[str, tuple[int, float]]:
+        found: dict[str, tuple[int, float]] = {}
+        for chunk in _chunks(device_ids):
+            rows = await self.session.execute(
+                select(
+                    status_quality.c.device_id,
+                    func.sum(status_quality.c.points).label("points"),
+                    func.sum(status_quality.c.quality_sum).label("quality_sum"),
+                )
+                .where(status_quality.c.device_id.in_(chunk))
+                .where(status_quality.c.bucket >= since_bucket)
+                .group_by(status_quality.c.device_id)
+            )
+            for row in rows:
+                found[row.device_id] = (int(row.points or 0), float(row.quality_sum or 0.0))
+        return found
+
+    async def checks(
+        self, device_ids: Sequence[str], since: datetime, unanswered_before: datetime
+    ) -> dict[str, CheckCounts]:
+        """Answered and failed pings since `since`; a pending ping sent before
+        `unanswered_before` (its reply time is over) counts as failed."""
+        counts: dict[str, list[int]] = {}
+        for chunk in _chunks(device_ids):
+            rows = await self.session.execute(
+                select(
+                    status_health_checks.c.device_id,
+                    status_health_checks.c.outcome,
+                    status_health_checks.c.sent_at,
+                )
+                .where(status_health_checks.c.device_id.in_(chunk))
+                .where(status_health_checks.c.sent_at >= since)
+            )
+            for row in rows:
+                entry = counts.setdefault(row.device_id, [0, 0])
+                if row.outcome == ANSWERED:
+                    entry[0] += 1
+                elif row.outcome == FAILED or row.sent_at < unanswered_before:
+                    entry[1] += 1
+        return {d: CheckCounts(a, f) for d, (a, f) in counts.items()}
+
+    async def counts_by_status(self) -> dict[str, int]:
+        rows = await self.session.execute(
+            select(status_devices.c.status, func.count()).group_by(status_devices.c.status)
+        )
+        return {str(status): int(count) for status, count in rows}
+
+    async def counts_by_type(self) -> dict[str, dict[str, int]]:
+        rows = await self.session.execute(
+            select(status_devices.c.type_name, status_devices.c.status, func.count()).group_by(
+                status_devices.c.type_name, status_devices.c.status
+            )
+        )
+        found: dict[str, dict[str, int]] = {}
+        for type_name, status, count in rows:
+            found.setdefault(type_name or "", {})[str(status)] = int(count)
+        return found
+
+    async def recent_changes(self, limit: int) -> list[HistoryRow]:
+        rows = await self.session.execute(
+            select(status_history)
+            .where(status_history.c.sequence > 0)
+            .order_by(status_history.c.at.desc(), status_history.c.device_id)
+            .limit(limit)
+        )
+        return [HistoryRow(**row._mapping) for row in rows]
+
+    async def health_candidates(self, *, offline: int, low_quality: int) -> list[str]:
+        """Devices likely to have the lowest health: offline the longest, worst quality."""
+        longest_offline = await self.session.execute(
+            select(status_devices.c.device_id)
+            .where(status_devices.c.status == DeviceState.OFFLINE.value)
+            .order_by(status_devices.c.since)
+            .limit(offline)
+        )
+        worst_quality = await self.session.execute(
+            select(status_devices.c.device_id)
+            .where(status_devices.c.status == DeviceState.ONLINE.value)
+            .where(status_devices.c.quality_recent.is_not(None))
+            .order_by(status_devices.c.quality_recent)
+            .limit(low_quality)
+        )
+        ids = [row.device_id for row in longest_offline]
+        ids += [row.device_id for row in worst_quality if row.device_id not in ids]
+        return ids
+
+
+def tracked_from_row(row: Any, default_timeout_s: float) -> TrackedDevice:
+    timeout = resolve_timeout(row.timeout_override_s, row.type_timeout_s, default_timeout_s)
+    status = DeviceStatus(
+        device_id=row.device_id,
+        status=row.status,
+        since=row.since,
+        last_update=row.last_update,
+        offline_timeout_s=timeout,
+        last_seen=row.last_seen,
+        sequence=row.sequence,
+        version=row.version,
+    )
+    return TrackedDevice(
+        status=status,
+        type_name=row.type_name,
+        cause=row.cause,
+        registered_at=row.registered_at,
+        timeout_override_s=row.timeout_override_s,
+        type_timeout_s=row.type_timeout_s,
+        expected_interval_s=row.expected_interval_s,
+        mqtt_connected=bool(row.mqtt_connected),
+        check_attempt=int(row.check_attempt),
+        next_check_at=row.next_check_at,
+        quality_recent=row.quality_recent,
+        stored_version=int(row.version),
+    )
+
+
+def _device_row(tracked: TrackedDevice) -> dict[str, Any]:
+    status = tracked.status
+    return {
+        "device_id": status.device_id,
+        "type_name": tracked.type_name,
+        "status": status.status.value,
+        "cause": tracked.cause,
+        "since": status.since,
+        "last_update": status.last_update,
+        "last_seen": status.last_seen,
+        "sequence": status.sequence,
+        "version": status.version,
+        "timeout_override_s": tracked.timeout_override_s,
+        "mqtt_connected": tracked.mqtt_connected,
+        "check_attempt": tracked.check_attempt,
+        "next_check_at": tracked.next_check_at,
+        "quality_recent": tracked.quality_recent,
+        "registered_at": tracked.registered_at,
+    }
+
+
+def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
