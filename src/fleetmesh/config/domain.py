@@ -58,7 +58,8 @@ JsonSchema: TypeAlias = Mapping[str, JsonValue] | bool
 
 DEFAULT_NAMESPACE = "default"
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
-KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# Dot-separated segments, none empty: the key is part of the KV key `<ns>.<service>.<key>`.
+KEY_PATTERN = re.compile(r"(?=.{1,128}\Z)[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*")
 MAX_AUTHOR_LENGTH = 128
 MAX_COMMENT_LENGTH = 1024
 DRAFT_2020_12_URIS = frozenset(
