@@ -21,7 +21,7 @@ from nats.js.errors import NotFoundError
 
 from fleetmesh.core.backbone import EVENTS_STREAM, Backbone
 from fleetmesh.core.clock import from_rfc3339
-from fleetmesh.core.envelope import subject_filter_for_type_pattern
+from fleetmesh.events.filters import TypePattern, subject_filter
 
 MAX_SCAN = 20_000
 FETCH_BATCH = 500
@@ -57,18 +57,19 @@ class EventStore:
         self.backbone = backbone
 
     async def query(self, query: EventQuery) -> EventPage:
-        subject_filter = subject_filter_for_type_pattern(query.type_pattern or ">")
+        pattern = TypePattern.parse(query.type_pattern) if query.type_pattern else None
+        subjects = subject_filter(query.type_pattern) if query.type_pattern else "events.>"
         config = ConsumerConfig(
-            filter_subject=subject_filter,
+            filter_subject=subjects,
             ack_policy=AckPolicy.NONE,
             inactive_threshold=5.0,
             **_start(query),
         )
         subscription = await self.backbone.js.pull_subscribe(
-            subject_filter, stream=EVENTS_STREAM, config=config
+            subjects, stream=EVENTS_STREAM, config=config
         )
         try:
-            return await self._read(subscription, query)
+            return await self._read(subscription, query, pattern)
         finally:
             with contextlib.suppress(Exception):
                 info = await subscription.consumer_info()
@@ -76,7 +77,9 @@ class EventStore:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
 
-    async def _read(self, subscription: Any, query: EventQuery) -> EventPage:
+    async def _read(
+        self, subscription: Any, query: EventQuery, pattern: TypePattern | None
+    ) -> EventPage:
         info = await subscription.consumer_info()
         pending = int(info.num_pending)
         items: list[StoredEvent] = []
@@ -92,7 +95,7 @@ class EventStore:
                 pending = int(message.metadata.num_pending)
                 last_sequence = int(message.metadata.sequence.stream)
                 event = msgspec.json.decode(message.data)
-                if _matches(event, query):
+                if _matches(event, query, pattern):
                     items.append(StoredEvent(last_sequence, event))
                     if len(items) >= query.limit:
                         break
@@ -141,7 +144,9 @@ def _time(event: dict[str, Any]) -> datetime | None:
     return from_rfc3339(raw) if isinstance(raw, str) else None
 
 
-def _matches(event: dict[str, Any], query: EventQuery) -> bool:
+def _matches(event: dict[str, Any], query: EventQuery, pattern: TypePattern | None) -> bool:
+    if pattern is not None and not pattern.matches(str(event.get("type", ""))):
+        return False
     if query.subject is not None and event.get("subject") != query.subject:
         return False
     if query.source is not None and event.get("source") != query.source:
