@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 from nats.js.api import DiscardPolicy, StreamConfig
 
+from fleetmesh.analytics import module as analytics_module
+from fleetmesh.config import module as config_module
 from fleetmesh.core.auth import ApiKeyStore, Role
 from fleetmesh.core.backbone import EVENTS_STREAM, Backbone, NatsEndpoint
 from fleetmesh.core.clock import Clock, SystemClock
@@ -27,6 +29,7 @@ from fleetmesh.core.metrics import Metrics
 from fleetmesh.core.module import Deps, Module
 from fleetmesh.core.nats_server import (
     SERVICE_USER,
+    SYSTEM_USER,
     EmbeddedNatsServer,
     NatsSecrets,
 )
@@ -40,6 +43,9 @@ from fleetmesh.core.settings import (
 )
 from fleetmesh.devices import module as devices_module
 from fleetmesh.events import module as events_module
+from fleetmesh.registry import module as registry_module
+from fleetmesh.status import module as status_module
+from fleetmesh.telemetry import module as telemetry_module
 
 log = get_logger(__name__)
 
@@ -47,7 +53,12 @@ ModuleFactory = Callable[[Deps], Module]
 
 CONTEXTS: dict[str, ModuleFactory] = {
     devices_module.NAME: devices_module.create_module,
+    analytics_module.NAME: analytics_module.create_module,
     events_module.NAME: events_module.create_module,
+    registry_module.NAME: registry_module.create_module,
+    status_module.NAME: status_module.create_module,
+    telemetry_module.NAME: telemetry_module.create_module,
+    config_module.NAME: config_module.create_module,
 }
 
 ADMIN_KEY_FILE = "admin.key"
@@ -126,6 +137,15 @@ class Platform:
                 self.nats_server.secrets.callout_issuer_seed
                 if self.nats_server
                 else self.settings.callout_issuer_seed
+            ),
+            system_nats=(
+                NatsEndpoint(
+                    servers=[self.nats_server.url],
+                    user=SYSTEM_USER,
+                    password=self.nats_server.secrets.system_password,
+                )
+                if self.nats_server
+                else None
             ),
         )
         self.modules = [factory(deps) for factory in self.module_factories.values()]

@@ -6,7 +6,7 @@ import typer
 
 from fleetmesh import __version__
 from fleetmesh.analytics import cli as analytics_cli
-from fleetmesh.cli import devices, keys, up
+from fleetmesh.cli import bench, devices, keys, service, up
 
 app = typer.Typer(
     name="fleetmesh",
@@ -17,6 +17,8 @@ app = typer.Typer(
 app.command("up")(up.up)
 app.add_typer(keys.app, name="keys")
 app.add_typer(devices.app, name="devices")
+app.add_typer(service.app, name="service")
+app.add_typer(bench.app, name="bench")
 app.add_typer(analytics_cli.app, name="analytics", help="Anomaly detection tools (NAB harness).")
 
 
