@@ -23,7 +23,7 @@ from fleetmesh.core.auth import ApiKeyStore, Role
 from fleetmesh.core.backbone import EVENTS_STREAM, Backbone, NatsEndpoint
 from fleetmesh.core.clock import Clock, SystemClock
 from fleetmesh.core.database import Database
-from fleetmesh.core.live_config import LiveConfig
+from fleetmesh.core.live_config import LiveConfig, follow_log_level
 from fleetmesh.core.logging import get_logger
 from fleetmesh.core.metrics import Metrics
 from fleetmesh.core.module import Deps, Module
@@ -89,6 +89,7 @@ class Platform:
     live_config: LiveConfig
     modules: list[Module] = field(default_factory=list)
     admin_key_path: Path | None = None
+    _unfollow_log_level: Callable[[], None] | None = None
     admin_key_created: bool = False
     started: bool = False
     app: Any = None
@@ -123,6 +124,7 @@ class Platform:
         await self.backbone.ensure_stream(events_stream_config(self.settings))
         await self.database.migrate()
         await self.live_config.start()
+        self._unfollow_log_level = follow_log_level(self.live_config, self.settings.log_level)
         deps = Deps(
             settings=self.settings,
             database=self.database,
@@ -161,6 +163,8 @@ class Platform:
             await _bounded(module.stop(), f"stop {module.name}")
         await _bounded(self.relay.stop(), "stop outbox relay")
         await _bounded(self.relay.publish_pending_quietly(), "flush outbox")
+        if self._unfollow_log_level is not None:
+            self._unfollow_log_level()
         await _bounded(self.live_config.stop(), "stop config watch")
         await _bounded(self.backbone.close(), "close NATS connection")
         if self.nats_server is not None:

@@ -6,7 +6,7 @@ import typer
 
 from fleetmesh import __version__
 from fleetmesh.analytics import cli as analytics_cli
-from fleetmesh.cli import bench, devices, keys, service, up
+from fleetmesh.cli import bench, devices, governance, keys, service, simulate, up
 
 app = typer.Typer(
     name="fleetmesh",
@@ -18,6 +18,9 @@ app.command("up")(up.up)
 app.add_typer(keys.app, name="keys")
 app.add_typer(devices.app, name="devices")
 app.add_typer(service.app, name="service")
+app.add_typer(governance.services_app, name="services")
+app.add_typer(governance.config_app, name="config")
+app.command("simulate")(simulate.simulate)
 app.add_typer(bench.app, name="bench")
 app.add_typer(analytics_cli.app, name="analytics", help="Anomaly detection tools (NAB harness).")
 

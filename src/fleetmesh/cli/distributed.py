@@ -119,6 +119,8 @@ def _child_env(
         "FLEETMESH_LOG_LEVEL": settings.log_level,
         "FLEETMESH_ALLOW_PRIVATE_WEBHOOKS": str(settings.allow_private_webhooks).lower(),
     }
+    if settings.mqtt_bridge:
+        env["FLEETMESH_MQTT_BRIDGE"] = settings.mqtt_bridge
     if settings.database_url:
         env["FLEETMESH_DATABASE_URL"] = settings.database_url
     else:

@@ -125,7 +125,14 @@ def _serve_context(settings: Settings, context: str, port: int) -> None:
 
     app = create_app(platform, manage_lifecycle=True, on_started=register, on_stopping=deregister)
     QuietExitServer(
-        uvicorn.Config(app, host=settings.host, port=port, log_level="warning", access_log=False)
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
     ).run()
 
 
@@ -175,5 +182,12 @@ def _serve_gateway(settings: Settings, port: int) -> None:
 
     app = create_gateway_app(client, services, lifecycle=lifecycle)
     QuietExitServer(
-        uvicorn.Config(app, host=settings.host, port=port, log_level="warning", access_log=False)
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
     ).run()

@@ -15,12 +15,12 @@ from rich.panel import Panel
 
 from fleetmesh import __version__
 from fleetmesh.bootstrap import Platform, bootstrap
-from fleetmesh.cli.demo import run_demo
 from fleetmesh.cli.options import DEFAULT_DATA_DIR, DatabaseUrl, DataDir
 from fleetmesh.core.logging import configure_logging
 from fleetmesh.core.ports import PortInUse
 from fleetmesh.core.settings import Settings
 from fleetmesh.gateway.app import create_app
+from fleetmesh.telemetry.simulator import run_demo_fleet
 
 console = Console(stderr=True)
 
@@ -53,6 +53,13 @@ def up(
             help="Let webhooks target loopback and private addresses.",
         ),
     ] = False,
+    mqtt_bridge: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLEETMESH_MQTT_BRIDGE",
+            help="Also take telemetry from this MQTT broker: mqtt://[user:pass@]host:1883.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="FLEETMESH_LOG_LEVEL")] = "INFO",
     log_json: Annotated[bool, typer.Option(envvar="FLEETMESH_LOG_JSON", help="JSON logs.")] = False,
     demo_devices: Annotated[
@@ -79,6 +86,7 @@ def up(
         nats=nats,
         database_url=database_url,
         allow_private_webhooks=allow_private_webhooks,
+        mqtt_bridge=mqtt_bridge,
         log_level=log_level,
         log_json=log_json,
     )
@@ -90,7 +98,13 @@ def up(
     if demo_devices:
 
         async def after_start(platform: Platform) -> None:
-            await run_demo(platform, demo_devices)
+            assert platform.admin_key_path is not None
+            await run_demo_fleet(
+                platform.api_url,
+                platform.admin_key_path.read_text().strip(),
+                demo_devices,
+                data_dir=settings.data_dir,
+            )
 
     serve(settings, after_start=after_start)
 
@@ -109,7 +123,12 @@ def serve(settings: Settings, *, after_start: AfterStart | None = None) -> None:
         if after_start is not None:
             tasks.append(asyncio.create_task(after_start(started)))
 
-    app = create_app(platform, manage_lifecycle=True, on_started=announce)
+    async def stop_tasks(_: Platform) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = create_app(platform, manage_lifecycle=True, on_started=announce, on_stopping=stop_tasks)
 
     config = uvicorn.Config(
         app,
@@ -118,6 +137,8 @@ def serve(settings: Settings, *, after_start: AfterStart | None = None) -> None:
         log_level="warning",
         lifespan="on",
         access_log=False,
+        # Open SSE watch streams would otherwise hold the shutdown forever.
+        timeout_graceful_shutdown=5,
     )
     QuietExitServer(config).run()
 

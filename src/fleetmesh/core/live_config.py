@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetmesh.core.backbone import Backbone
-from fleetmesh.core.logging import get_logger
+from fleetmesh.core.logging import get_logger, set_log_level
 
 log = get_logger(__name__)
 
@@ -128,3 +128,27 @@ class LiveConfig:
                 log.warning("config_watch_failed", error=repr(error), retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
+
+
+PLATFORM_SERVICE = "platform"
+LOG_LEVEL_KEY = "log_level"
+
+
+def follow_log_level(live_config: LiveConfig, default_level: str) -> Callable[[], None]:
+    """Apply `platform`/`log_level` to this process, now and on every change (a deletion
+    restores `default_level`); returns the function that stops following."""
+
+    def apply(value: Any) -> None:
+        level = default_level if value is None else str(value)
+        try:
+            set_log_level(level)
+        except ValueError:
+            log.warning("config_log_level_ignored", value=value)
+            return
+        log.info("log_level_changed", level=level.upper())
+
+    unsubscribe = live_config.on_change(PLATFORM_SERVICE, LOG_LEVEL_KEY, apply)
+    current = live_config.get(PLATFORM_SERVICE, LOG_LEVEL_KEY)
+    if current is not None:
+        apply(current)
+    return unsubscribe

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     callout_issuer_seed: str | None = None
     registry: str | None = None
     allow_private_webhooks: bool = False
+    mqtt_bridge: str | None = None
+    """An external MQTT broker to take device telemetry from (`mqtt://host:1883`)."""
     log_level: str = "INFO"
     log_json: bool = False
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fleetmesh.core.module import Deps, Module
+from fleetmesh.registry import contracts
 from fleetmesh.registry.api import create_router
 from fleetmesh.registry.checker import HealthChecker, Prober
 from fleetmesh.registry.repository import KvInstanceStore, RegistryView
@@ -40,4 +41,5 @@ def create_module(deps: Deps) -> Module:
         start=start,
         stop=stop,
         provides={"registry_view": view, "registry_checker": checker},
+        event_contracts=contracts.SCHEMAS,
     )

@@ -4,7 +4,8 @@ Start order: the TELEMETRY and TELEMETRY_DLQ streams, the in-memory projection (
 the tables), the projection consumer, the writer (its durable consumer must exist before
 anything is published: the stream keeps messages only while a consumer is interested), the
 backlog monitor, the MQTT consumer of ``DEVICES_IN`` (``mqtt.py``, refusals to the
-quarantine), the retention job. Stop is the reverse; the writer finishes its batch.
+quarantine), the bridge from an external broker (with ``--mqtt-bridge``), the retention
+job. Stop is the reverse; the writer finishes its batch.
 
 ``provides``: ``telemetry_ingestor`` (the ``Ingestor`` every transport uses),
 ``telemetry_writer``, ``telemetry_retention``, ``telemetry_directory``, ``telemetry_mqtt``,
@@ -18,6 +19,7 @@ import asyncio
 from fleetmesh.core.module import Deps, Module
 from fleetmesh.telemetry import contracts
 from fleetmesh.telemetry.api import create_router
+from fleetmesh.telemetry.bridge import MqttBridge
 from fleetmesh.telemetry.consumers import ProjectionConsumer
 from fleetmesh.telemetry.ingest import BacklogMonitor, Ingestor, IngestSettings
 from fleetmesh.telemetry.metrics import TelemetryMetrics
@@ -84,6 +86,9 @@ def create_module(deps: Deps) -> Module:
     )
     quarantine = QuarantineStore(deps.database, clock=deps.clock)
     mqtt = MqttTelemetryConsumer(deps, ingestor, quarantine)
+    bridge = (
+        MqttBridge(deps.settings.mqtt_bridge, deps.backbone) if deps.settings.mqtt_bridge else None
+    )
     router = create_router(
         ingestor=ingestor,
         queries=TelemetryQueries(deps.database, directory),
@@ -101,10 +106,14 @@ def create_module(deps: Deps) -> Module:
         await writer.start()
         await monitor.start()
         await mqtt.start()
+        if bridge is not None:
+            await bridge.start()
         await retention.start()
 
     async def stop() -> None:
         await retention.stop()
+        if bridge is not None:
+            await bridge.stop()
         await mqtt.stop()
         await monitor.stop()
         await asyncio.gather(writer.stop(), projection.stop())
