@@ -24,12 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
-import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -41,8 +37,9 @@ import httpx
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
+from fleetmesh.bench.platform import BenchError, PlatformProcess, percentile
 from fleetmesh.bench.report import BenchOptions, BenchReport, machine_info
-from fleetmesh.core.nats_server import nats_server_binary
+from fleetmesh.core.nats_server import die_with_parent, nats_server_binary
 from fleetmesh.core.ports import free_port
 
 NAME = "events"
@@ -55,10 +52,6 @@ EVENT_TYPE = "com.fleetmesh.bench.reading"
 TARGET_RATE = 5000.0
 TARGET_P99_MS = 20.0
 _PR_SET_PDEATHSIG = 1
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run."""
 
 
 async def run(options: BenchOptions) -> BenchReport:
@@ -199,126 +192,12 @@ async def _exchange(
     return status, await reader.readexactly(length)
 
 
-# --------------------------------------------------------------------------- the platform
-
-
-class Platform:
-    """A `fleetmesh up --allow-private-webhooks` subprocess on free loopback ports."""
-
-    def __init__(self, process: subprocess.Popen[bytes], port: int, data_dir: Path) -> None:
-        self.process = process
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.data_dir = data_dir
-        self.key = ""
-
-    @classmethod
-    async def start(cls, work_dir: Path, database_url: str | None) -> Platform:
-        data_dir = work_dir / "data"
-        http_port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "fleetmesh.cli",
-            "up",
-            "--data-dir",
-            str(data_dir),
-            "--http-port",
-            str(http_port),
-            "--nats-port",
-            str(free_port()),
-            "--mqtt-port",
-            str(free_port()),
-            "--allow-private-webhooks",
-            "--log-level",
-            "WARNING",
-        ]
-        if database_url:
-            command += ["--database-url", database_url]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMESH_")}
-        log = (work_dir / "platform.log").open("ab")
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=_die_with_parent,
-            start_new_session=True,
-        )
-        log.close()
-        platform = cls(process, http_port, data_dir)
-        try:
-            await platform._wait_ready(work_dir / "platform.log")
-        except BaseException:
-            await platform.stop()
-            raise
-        platform.key = (data_dir / "admin.key").read_text().strip()
-        return platform
-
-    async def _wait_ready(self, log_path: Path, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=2) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    tail = log_path.read_text(errors="replace")[-3000:]
-                    raise BenchError(f"fleetmesh up exited with {self.process.returncode}:\n{tail}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get("/readyz")).status_code == 200:
-                        return
-                await asyncio.sleep(0.1)
-        raise BenchError(f"fleetmesh up was not ready within {timeout} s")
-
-    def cpu_seconds(self) -> tuple[float, float]:
-        """CPU time used so far by (the platform process, its nats-server child)."""
-        children = sum(_cpu_seconds(pid) for pid in _children(self.process.pid))
-        return _cpu_seconds(self.process.pid), children
-
-    def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.base_url,
-            headers={"Authorization": f"Bearer {self.key}"},
-            timeout=httpx.Timeout(60.0),
-            limits=httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY),
-        )
-
-    async def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.process.wait, 30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                await asyncio.to_thread(self.process.wait)
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError, ValueError):
-            found += [int(child) for child in task.read_text().split()]
-    return found
-
-
 def _per_event(
     before: tuple[float, float], after: tuple[float, float], events: int
 ) -> tuple[float, float]:
     """Milliseconds of CPU per event of (the platform process, nats-server)."""
     count = max(events, 1)
     return (after[0] - before[0]) * 1000 / count, (after[1] - before[1]) * 1000 / count
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -355,9 +234,13 @@ class Figures:
 async def _measure_platform(work_dir: Path, options: BenchOptions) -> Figures:
     figures = Figures()
     with options.step("starting the platform (fleetmesh up)"):
-        platform = await Platform.start(work_dir, options.database_url)
+        platform = await PlatformProcess.start(
+            work_dir,
+            database_url=options.database_url,
+            extra_args=("--allow-private-webhooks",),
+        )
     receiver = await Receiver().start()
-    publisher = await Publisher(platform.port, platform.key, CONCURRENCY).open()
+    publisher = await Publisher(platform.port, platform.api_key, CONCURRENCY).open()
     try:
         async with platform.client() as client:
             await _setup(client, receiver)
@@ -370,8 +253,8 @@ async def _measure_platform(work_dir: Path, options: BenchOptions) -> Figures:
                 figures.fixed[rate] = (
                     fixed.rate(receiver.arrived),
                     len(fixed.sent) / max(fixed.finished - fixed.started, 1e-9),
-                    _percentile(lat, 0.50),
-                    _percentile(lat, 0.99),
+                    percentile(lat, 0.50),
+                    percentile(lat, 0.99),
                 )
                 runs.append(fixed)
             before = platform.cpu_seconds()
@@ -381,8 +264,8 @@ async def _measure_platform(work_dir: Path, options: BenchOptions) -> Figures:
             lat = single.latencies_ms(receiver.arrived)
             figures.single = (
                 single.rate(receiver.arrived),
-                _percentile(lat, 0.50),
-                _percentile(lat, 0.99),
+                percentile(lat, 0.50),
+                percentile(lat, 0.99),
             )
             await _subscribe(client, receiver, batch_size=BATCH, types=[f"{EVENT_TYPE}.batched"])
             before = platform.cpu_seconds()
@@ -392,8 +275,8 @@ async def _measure_platform(work_dir: Path, options: BenchOptions) -> Figures:
             lat = batched.latencies_ms(receiver.arrived)
             figures.batched = (
                 batched.rate(receiver.arrived),
-                _percentile(lat, 0.50),
-                _percentile(lat, 0.99),
+                percentile(lat, 0.50),
+                percentile(lat, 0.99),
             )
             figures.lost = sum(
                 1 for run in (*runs, single, batched) for i in run.sent if i not in receiver.arrived
@@ -566,7 +449,7 @@ async def _raw_jetstream(work_dir: Path, count: int, options: BenchOptions) -> f
         [str(nats_server_binary()), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     try:
         nc = await _connect(f"nats://127.0.0.1:{port}")
@@ -645,12 +528,6 @@ async def _raw_http(count: int, options: BenchOptions) -> float:
 def _chunks(items: Iterable[int], size: int) -> list[list[int]]:
     values = list(items)
     return [values[i : i + size] for i in range(0, len(values), size)]
-
-
-def _percentile(ordered: list[float], share: float) -> float:
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def _fill(report: BenchReport, figures: Figures, raw_js: float, raw_http: float) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fleetmesh.bench import limits
-from fleetmesh.bench.registry import descendants, rss_bytes
+from fleetmesh.bench.platform import descendants, rss_bytes
 
 pytestmark = pytest.mark.unit
 

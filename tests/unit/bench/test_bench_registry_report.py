@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fleetmesh.bench import BENCHES, registry
+from fleetmesh.bench.platform import percentile
 from fleetmesh.bench.report import BenchOptions, BenchReport
 
 pytestmark = pytest.mark.unit
@@ -70,9 +71,9 @@ def test_the_outbox_counter_is_read_from_the_metrics_exposition() -> None:
 
 def test_percentiles_of_sorted_latencies() -> None:
     ordered = [float(i) for i in range(1, 11)]
-    assert registry._percentile(ordered, 0.0) == 1.0
-    assert registry._percentile(ordered, 1.0) == 10.0
-    assert registry._percentile([], 0.5) == 0.0
+    assert percentile(ordered, 0.0) == 1.0
+    assert percentile(ordered, 1.0) == 10.0
+    assert percentile([], 0.5) == 0.0
 
 
 def test_the_registry_bench_is_registered() -> None:
