@@ -38,7 +38,7 @@ PUBLISHED_FULL_CORPUS: dict[str, tuple[float, float, float]] = {
 }
 
 # The same detectors' published per-row outputs scored on the 24-series subset
-# (realKnownCause + realAWSCloudwatch) shipped in shared/datasets/nab: its README.
+# (realKnownCause + realAWSCloudwatch) of the NAB corpus, as its README reports them.
 PUBLISHED_SUBSET: dict[str, tuple[float, float, float]] = {
     "ARTime": (67.7, 59.0, 73.7),
     "Numenta HTM": (66.5, 60.1, 71.6),

@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
 
 def nab_dataset_dir() -> Path:
-    """`$FLEETMESH_NAB_DIR`, else `<repo>/../shared/datasets/nab` (how CI lays out clones)."""
-    configured = os.environ.get("FLEETMESH_NAB_DIR")
-    return Path(configured) if configured else REPO_ROOT.parent / "shared" / "datasets" / "nab"
+    """`$FLEETMESH_NAB_DIR`: a NAB corpus (data/, labels/, reference_results/)."""
+    return Path(os.environ.get("FLEETMESH_NAB_DIR", "nab-dataset-not-configured"))
 
 
 @pytest.fixture(scope="session")
