@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.ensemble import IsolationForest as SkIsolationForest
 
 from fleetmesh.analytics.detectors.base import AlarmSpacer, Detector, JsonDict, clamp_unit
 
@@ -41,7 +41,7 @@ class FlatForest:
     normaliser: float
 
     @classmethod
-    def from_sklearn(cls, forest: SkIsolationForest, max_samples: int) -> FlatForest:
+    def from_sklearn(cls, forest: Any, max_samples: int) -> FlatForest:
         roots, features, thresholds, children, paths = [], [], [], [], []
         offset, depth = 0, 0
         for tree, columns in zip(forest.estimators_, forest.estimators_features_, strict=True):
@@ -173,6 +173,9 @@ class IsolationForestDetector(Detector):
         values = np.array(history[-(self._train_size + self._shingle - 1) :], dtype=np.float64)
         windows = np.lib.stride_tricks.sliding_window_view(values, self._shingle)[:, ::-1]
         sample_size = min(self._max_samples, len(windows))
+        # Imported here: scikit-learn takes ~0.7 s to import, which every CLI call would pay.
+        from sklearn.ensemble import IsolationForest as SkIsolationForest
+
         forest = SkIsolationForest(
             n_estimators=self._n_estimators,
             max_samples=sample_size,
