@@ -49,6 +49,15 @@ function table(headers, rows) {
     el("tbody", {}, ...rows.map((cells) => el("tr", {}, ...cells.map((c) => el("td", {}, c))))));
 }
 
+// One horizontal bar per type, a segment per status, as wide as its share of the devices.
+function statusBar(counts) {
+  const total = Object.values(counts).reduce((a, b) => a + b, 0) || 1;
+  const segments = Object.entries(counts).filter(([, n]) => n > 0).map(([status, n]) =>
+    el("span", { class: "segment " + status, style: `width: ${(100 * n) / total}%`,
+      title: `${status}: ${n}` }, n / total >= 0.08 ? `${status} ${n}` : ""));
+  return el("div", { class: "status-bar" }, ...segments);
+}
+
 function show(...nodes) { view.replaceChildren(...nodes); }
 
 function failure(error) {
@@ -73,13 +82,19 @@ async function fleetView() {
     const cards = el("div", { class: "cards", id: "fleet-cards" }, card("devices", fleet.total ?? 0),
       ...Object.entries(byStatus).map(([status, n]) => card(status, n)));
     const types = Object.entries(fleet.by_type || {}).map(([type, n]) => [type, String(
-      typeof n === "object" ? Object.values(n).reduce((a, b) => a + b, 0) : n)]);
+      typeof n === "object" ? Object.values(n).reduce((a, b) => a + b, 0) : n),
+      typeof n === "object" ? statusBar(n) : ""]);
     const lowest = (fleet.lowest_health || []).map((d) => [
       el("a", { href: "#/devices/" + encodeURIComponent(d.device_id) }, d.device_id),
-      d.health_score == null ? "–" : String(Math.round(d.health_score)), pill(d.status || "")]);
+      d.score == null ? "–" : String(Math.round(d.score)), pill(d.status || ""),
+      (d.reasons || []).join("; ")]);
+    const changed = (fleet.recently_changed || []).map((c) => [
+      el("a", { href: "#/devices/" + encodeURIComponent(c.device_id) }, c.device_id),
+      new Date(c.at).toLocaleString(), `${c.previous} → ${c.current}`, c.cause || ""]);
     show(heading, cards,
-      el("h2", {}, "By type"), types.length ? table(["type", "devices"], types) : el("p", { class: "muted" }, "No device types yet."),
-      el("h2", {}, "Lowest health"), lowest.length ? table(["device", "health", "status"], lowest) : el("p", { class: "muted" }, "Nothing to show yet."));
+      el("h2", {}, "By type"), types.length ? table(["type", "devices", "status"], types) : el("p", { class: "muted" }, "No device types yet."),
+      el("h2", {}, "Lowest health"), lowest.length ? table(["device", "health", "status", "why"], lowest) : el("p", { class: "muted" }, "Nothing to show yet."),
+      el("h2", {}, "Recently changed"), changed.length ? table(["device", "at", "change", "cause"], changed) : el("p", { class: "muted" }, "No status changes yet."));
   } catch (error) { show(heading, failure(error)); }
 }
 
@@ -104,9 +119,9 @@ async function deviceView(id) {
     const status = await api(`/api/v1/devices/${encodeURIComponent(id)}/status`).catch(() => null);
     if (status) {
       parts.push(el("div", { class: "cards", id: "status-cards" }, card("status", status.status),
-        card("availability 24h", status.availability_percent == null ? "–" : status.availability_percent.toFixed(1) + "%"),
+        card("availability 24h", status.availability?.percent == null ? "–" : status.availability.percent.toFixed(1) + "%"),
         card("health", status.health?.score == null ? "–" : Math.round(status.health.score))));
-      const reasons = (status.health?.components || []).map((c) => [c.name, String(Math.round(c.score ?? 0)), c.reason]);
+      const reasons = (status.health?.components || []).map((c) => [c.name, c.score == null ? "–" : String(Math.round(c.score)), c.reason]);
       if (reasons.length) parts.push(table(["component", "score", "why"], reasons));
     }
     const latest = await api(`/api/v1/devices/${encodeURIComponent(id)}/telemetry/latest`).catch(() => null);
@@ -134,6 +149,7 @@ async function drawChart(id, metric, holder) {
   const ys = buckets.map((b) => b.value);
   holder.replaceChildren();
   new uPlot({ width: Math.min(1100, holder.clientWidth || 900), height: 300, title: metric,
+    axes: [{}, { size: 70 }],
     series: [{}, { label: metric + " (avg 10s)", stroke: "#0284c7", width: 2 }] }, [xs, ys], holder);
 }
 
