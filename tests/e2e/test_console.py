@@ -78,11 +78,23 @@ def test_console_shows_the_fleet_and_a_device(
 
     base, key = running_platform
     headers = {"Authorization": f"Bearer {key}"}
-    httpx.post(base + "/api/v1/device-types", json={"name": "thermo"}, headers=headers)
-    for i in range(3):
+    thermo = {"name": "thermo", "telemetry_schema": {"temp": {"type": "number"}}}
+    httpx.post(base + "/api/v1/device-types", json=thermo, headers=headers)
+    secrets = [
         httpx.post(
             base + "/api/v1/devices", json={"type": "thermo", "id": f"c-{i}"}, headers=headers
-        )
+        ).json()["credentials"]["secret"]
+        for i in range(3)
+    ]
+    sent = httpx.post(
+        base + "/api/v1/devices/c-1/telemetry?wait=stored",
+        json=[
+            {"metric": "temp", "value": 20 + i / 10, "ts": int(time.time() * 1000) - 1000 * i}
+            for i in range(5)
+        ],
+        auth=("c-1", secrets[1]),
+    )
+    assert sent.status_code == 202, sent.text
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         try:
@@ -94,8 +106,14 @@ def test_console_shows_the_fleet_and_a_device(
             page.locator(".card .label", has_text="devices").wait_for()
             assert page.locator(".card .value").first.inner_text() == "3"
             page.click("text=Devices")
-            page.get_by_role("link", name="c-1").click()
+            page.get_by_role("heading", name="Devices").wait_for()
+            page.get_by_role("link", name="c-1", exact=True).click()
             page.get_by_role("heading", name="Device c-1").wait_for()
+            page.locator("#chart .uplot").wait_for()  # the telemetry chart was drawn
+            status_cards = page.locator("#status-cards .card .value")
+            assert status_cards.nth(0).inner_text() == "online"
+            assert status_cards.nth(1).inner_text().endswith("%")
+            assert status_cards.nth(2).inner_text().isdigit()
             page.screenshot(path=str(tmp_path / "device.png"))
             page.click("text=Events")
             page.get_by_text("fleetmesh.device.registered.v1").first.wait_for()
