@@ -26,7 +26,6 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import NullPool
 
 _MIGRATION_LOCK_ID = 0x46_4C_45_45_54  # "FLEET", one advisory lock for every replica
 
@@ -96,8 +95,10 @@ class Database:
 
 def _create_engine(url: str, *, echo: bool, shared_sqlite: bool) -> AsyncEngine:
     if url.startswith("sqlite"):
+        # A pool: opening an aiosqlite connection (a thread, the pragmas) costs ~2 ms,
+        # more than most of the statements a session runs.
         engine = create_async_engine(
-            url, echo=echo, connect_args={"timeout": 30}, poolclass=NullPool
+            url, echo=echo, connect_args={"timeout": 30}, pool_size=8, max_overflow=16
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         if shared_sqlite:
