@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,6 +28,8 @@ from fleetmesh.core.tables import outbox
 log = get_logger(__name__)
 
 BATCH_SIZE = 500
+PIPELINE = 100
+"""Publishes awaiting their PubAck at once: one round trip per 100 events, not per event."""
 MAX_BACKOFF_S = 5.0
 KEEP_PUBLISHED = timedelta(hours=1)
 
@@ -111,15 +115,38 @@ class OutboxRelay:
                 return 0
             sent: list[int] = []
             try:
-                for row in rows:
-                    await self.backbone.publish(row.subject, row.payload, msg_id=row.event_id)
-                    sent.append(row.seq)
+                for start in range(0, len(rows), PIPELINE):
+                    window = rows[start : start + PIPELINE]
+                    sent += await self._publish_in_order(window)
+                    if len(sent) < start + len(window):
+                        break
             finally:
                 if sent:
                     await self._mark_sent(session, sent)
         self.metrics.outbox_published.inc(len(sent))
         self.metrics.outbox_backlog.set(await self.backlog())
         return len(sent)
+
+    async def _publish_in_order(self, rows: Sequence[Any]) -> list[int]:
+        """Publish rows without waiting for each PubAck in turn; returns the seqs of the
+        leading rows that were stored (after a failure, the rest are published again next
+        time, and JetStream drops those it already has)."""
+        # Tasks start in creation order and each writes its message before its first wait,
+        # so the stream stores the events in outbox order.
+        publishes = [
+            asyncio.ensure_future(
+                self.backbone.publish(row.subject, row.payload, msg_id=row.event_id)
+            )
+            for row in rows
+        ]
+        outcomes = await asyncio.gather(*publishes, return_exceptions=True)
+        stored: list[int] = []
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning("outbox_publish_failed", event_id=row.event_id, error=repr(outcome))
+                break
+            stored.append(row.seq)
+        return stored
 
     async def _mark_sent(self, session: AsyncSession, seqs: list[int]) -> None:
         statement = update(outbox).where(outbox.c.seq.in_(seqs)).values(published_at=utcnow())

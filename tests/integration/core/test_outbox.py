@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from fleetmesh.bootstrap import Platform
 from fleetmesh.core.backbone import EVENTS_STREAM
@@ -75,3 +75,24 @@ async def _is(platform: Platform, count: int) -> bool:
 
 async def _backlog_is(platform: Platform, count: int) -> bool:
     return await platform.relay.backlog() == count
+
+
+async def test_a_pipelined_batch_is_stored_in_outbox_order(
+    platform: Platform, client: httpx.AsyncClient
+) -> None:
+    await platform.relay.stop()
+    await client.post("/api/v1/device-types", json=THERMO)
+    wanted = [{"type": "thermo", "id": f"order-{i:03}"} for i in range(250)]
+    assert (await client.post("/api/v1/devices:bulk", json={"devices": wanted})).status_code == 201
+    async with platform.database.session() as session:
+        in_outbox = list(
+            (await session.execute(select(outbox.c.event_id).order_by(outbox.c.seq))).scalars()
+        )
+    while await platform.relay.publish_pending():
+        pass
+    subscription = await platform.backbone.js.pull_subscribe(">", stream=EVENTS_STREAM)
+    in_stream: list[str] = []
+    while len(in_stream) < len(in_outbox):
+        for message in await subscription.fetch(100, timeout=5):
+            in_stream.append(message.headers["Nats-Msg-Id"])  # type: ignore[index]
+    assert in_stream == in_outbox
