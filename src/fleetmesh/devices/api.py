@@ -51,7 +51,11 @@ class DeviceTypeIn(BaseModel):
     description: str = Field(default="", max_length=2000)
     capabilities: list[str] = Field(default_factory=list, max_length=100)
     telemetry_schema: dict[str, MetricSpecIn] = Field(default_factory=dict, max_length=500)
-    offline_timeout_s: float = 300.0
+    offline_timeout_s: float | None = Field(
+        default=None,
+        description="Seconds without a message before the device is offline; "
+        "none: the platform default (live configuration `status/offline_timeout_s`, 300 s).",
+    )
     expected_interval_s: float = 60.0
 
     def to_domain(self) -> DeviceType:
@@ -73,7 +77,7 @@ class DeviceTypeOut(BaseModel):
     description: str
     capabilities: list[str]
     telemetry_schema: dict[str, dict[str, Any]]
-    offline_timeout_s: float
+    offline_timeout_s: float | None
     expected_interval_s: float
 
     @classmethod

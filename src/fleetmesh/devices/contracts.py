@@ -26,7 +26,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "description": _STRING,
             "capabilities": {"type": "array", "items": _STRING},
             "telemetry_schema": {"type": "object"},
-            "offline_timeout_s": {"type": "number"},
+            "offline_timeout_s": {"type": ["number", "null"]},
             "expected_interval_s": {"type": "number"},
         },
     },

@@ -91,7 +91,8 @@ class DeviceType:
     description: str = ""
     capabilities: tuple[str, ...] = ()
     telemetry_schema: dict[str, MetricSpec] = field(default_factory=dict)
-    offline_timeout_s: float = 300.0
+    offline_timeout_s: float | None = None
+    """None: the platform default (live configuration key `status/offline_timeout_s`)."""
     expected_interval_s: float = 60.0
 
     def validate(self) -> None:
@@ -125,7 +126,7 @@ def _type_errors(device_type: DeviceType) -> list[FieldError]:
             errors.append(
                 FieldError(f"telemetry_schema.{metric}", f"a {spec.type} metric has no range")
             )
-    if device_type.offline_timeout_s <= 0:
+    if device_type.offline_timeout_s is not None and device_type.offline_timeout_s <= 0:
         errors.append(FieldError("offline_timeout_s", "must be positive"))
     if device_type.expected_interval_s <= 0:
         errors.append(FieldError("expected_interval_s", "must be positive"))

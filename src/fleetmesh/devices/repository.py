@@ -33,7 +33,7 @@ device_types = Table(
     Column("description", Text, nullable=False, default=""),
     Column("capabilities", JSON, nullable=False),
     Column("telemetry_schema", JSON, nullable=False),
-    Column("offline_timeout_s", Float, nullable=False),
+    Column("offline_timeout_s", Float, nullable=True),
     Column("expected_interval_s", Float, nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
 )
