@@ -7,6 +7,7 @@ import typer
 from fleetmesh import __version__
 from fleetmesh.analytics import cli as analytics_cli
 from fleetmesh.cli import bench, devices, governance, keys, service, simulate, up
+from fleetmesh.core.logging import configure_logging
 
 app = typer.Typer(
     name="fleetmesh",
@@ -32,4 +33,6 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    # Logs go to stderr from the start: stdout carries results (`--json`, tables).
+    configure_logging("WARNING")
+    app(prog_name="fleetmesh")

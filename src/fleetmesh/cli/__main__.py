@@ -1,5 +1,5 @@
 """`python -m fleetmesh.cli`: the `fleetmesh` command."""
 
-from fleetmesh.cli import app
+from fleetmesh.cli import main
 
-app(prog_name="fleetmesh")
+main()
