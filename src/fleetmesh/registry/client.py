@@ -134,7 +134,8 @@ class RegistryClient:
     async def watch(self, service: str, *, timeout: float = 10.0) -> list[ServiceInstance]:
         """Start following a service (if not yet) and return its instances once loaded."""
         cached = self._follow(service)
-        await asyncio.wait_for(cached.loaded.wait(), timeout)
+        if not cached.loaded.is_set():  # the hot path (pick) skips the timed wait
+            await asyncio.wait_for(cached.loaded.wait(), timeout)
         return list(cached.instances)
 
     def cached(self, service: str) -> list[ServiceInstance]:

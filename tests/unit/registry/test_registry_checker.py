@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -128,15 +129,21 @@ async def test_a_thousand_instances_cost_one_scheduler_and_bounded_probes() -> N
     for n in range(1000):
         await add(view, store, f"i-{n}", check)
     tasks_before = len(asyncio.all_tasks())
+    started = time.monotonic()
     checker.start()
     try:
-        await asyncio.sleep(1.6)
+        # Until each instance was probed twice (a hang guard, not a speed check).
+        for _ in range(3000):
+            if min(prober.probes.get(f"i-{n}", 0) for n in range(1000)) >= 2:
+                break
+            await asyncio.sleep(0.01)
     finally:
         await checker.stop()
+    elapsed = time.monotonic() - started
     counts = [prober.probes.get(f"i-{n}", 0) for n in range(1000)]
-    print(f"1,000 instances at 0.5 s for 1.6 s: {sum(counts)} probes, peak {prober.peak} in flight")  # noqa: T201
     assert min(counts) >= 2
-    assert max(counts) <= 4
+    # Never more often than its interval allows, however the loop was scheduled.
+    assert max(counts) <= elapsed / 0.5 + 1
     assert prober.peak <= 50
     # The scheduler, the probes in flight and a few finishing: nowhere near one task per instance.
     assert prober.peak_tasks <= tasks_before + 1 + 50 + 10
