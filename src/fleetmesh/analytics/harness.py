@@ -9,11 +9,13 @@ Layout: `<data_dir>/data/<category>/<file>.csv` (`timestamp,value`),
 from __future__ import annotations
 
 import csv
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,6 +31,7 @@ class SeriesRun:
     """One detector's pass over one file."""
 
     detector: str
+    params: str
     data_file: str
     scores: NDArray[np.float64]
     windows: tuple[tuple[int, int], ...]
@@ -53,8 +56,19 @@ class DetectorReport:
 
 
 @dataclass(frozen=True)
+class CandidateRuns:
+    """One parameter setting of a detector and its runs over every file."""
+
+    detector: str
+    params: dict[str, Any]
+    runs: tuple[SeriesRun, ...]
+
+
+@dataclass(frozen=True)
 class _Task:
     detector: str
+    # JSON text of the constructor keyword arguments: hashable and cheap to send to a worker.
+    params: str
     data_dir: Path
     data_file: str
     windows: tuple[tuple[str, str], ...]
@@ -96,7 +110,7 @@ def run_series(task: _Task) -> SeriesRun:
     timestamps = nab.parse_timestamps(series.timestamps)
     seconds_since_epoch = epoch_seconds(timestamps)
     values = series.values
-    detector = create_detector(task.detector)
+    detector = create_detector(task.detector, **json.loads(task.params))
     update = detector.update
     started = time.perf_counter()
     scores = [update(ts, value) for ts, value in zip(seconds_since_epoch, values, strict=True)]
@@ -105,7 +119,7 @@ def run_series(task: _Task) -> SeriesRun:
     if task.out_dir is not None:
         path = nab.result_file_path(task.out_dir / task.detector, task.detector, task.data_file)
         _write_result(path, series, scores, windows)
-    return SeriesRun(task.detector, task.data_file, np.array(scores), windows, elapsed)
+    return SeriesRun(task.detector, task.params, task.data_file, np.array(scores), windows, elapsed)
 
 
 def _write_result(
@@ -137,9 +151,9 @@ def run_nab(
     """Run `detectors` (names, aliases, or "all") over the corpus and score them."""
     names = resolve_detector_names(detectors)
     labels = nab.load_label_windows(data_dir / "labels" / "combined_windows.json")
-    profiles = _load_profiles(data_dir)
+    profiles = load_profiles(data_dir)
     tasks = [
-        _Task(name, data_dir, data_file, tuple(labels.get(data_file, [])), out_dir)
+        _Task(name, "{}", data_dir, data_file, tuple(labels.get(data_file, [])), out_dir)
         for name in names
         for data_file in discover_data_files(data_dir)
     ]
@@ -147,7 +161,47 @@ def run_nab(
     return [_report(name, [r for r in runs if r.detector == name], profiles) for name in names]
 
 
-def _load_profiles(data_dir: Path) -> tuple[nab.Profile, ...]:
+def run_grid(
+    data_dir: Path,
+    detector: str,
+    grid: Sequence[Mapping[str, Any]],
+    progress: ProgressCallback | None = None,
+    workers: int = 2,
+) -> list[CandidateRuns]:
+    """Run every parameter setting of `grid` over the whole corpus (for held-out tuning)."""
+    name = resolve_detector_names([detector])[0]
+    labels = nab.load_label_windows(data_dir / "labels" / "combined_windows.json")
+    settings = [json.dumps(dict(params), sort_keys=True) for params in grid]
+    tasks = [
+        _Task(name, params, data_dir, data_file, tuple(labels.get(data_file, [])), None)
+        for params in dict.fromkeys(settings)
+        for data_file in discover_data_files(data_dir)
+    ]
+    runs = _run_tasks(tasks, progress, workers)
+    return [
+        CandidateRuns(
+            name,
+            json.loads(params),
+            tuple(sorted((r for r in runs if r.params == params), key=lambda r: r.data_file)),
+        )
+        for params in dict.fromkeys(settings)
+    ]
+
+
+def load_reference_results(data_dir: Path) -> dict[str, list[nab.LabelledSeries]]:
+    """Published per-row outputs under `<data_dir>/reference_results/<detector>/`, by detector."""
+    root = data_dir / "reference_results"
+    if not root.is_dir():
+        return {}
+    labels = nab.load_label_windows(data_dir / "labels" / "combined_windows.json")
+    return {
+        folder.name: nab.load_result_corpus(folder, folder.name, labels)
+        for folder in sorted(root.iterdir())
+        if folder.is_dir()
+    }
+
+
+def load_profiles(data_dir: Path) -> tuple[nab.Profile, ...]:
     path = data_dir / "config" / "profiles.json"
     return nab.load_profiles(path) if path.exists() else nab.DEFAULT_PROFILES
 
@@ -188,10 +242,14 @@ def _report(
     name: str, runs: Sequence[SeriesRun], profiles: Sequence[nab.Profile]
 ) -> DetectorReport:
     ordered = sorted(runs, key=lambda run: run.data_file)
-    corpus = [nab.LabelledSeries(run.data_file, run.scores, run.windows) for run in ordered]
+    corpus = labelled_series(ordered)
     return DetectorReport(
         detector=name,
         scores=nab.score_corpus(corpus, profiles),
         points=sum(len(run.scores) for run in ordered),
         seconds=sum(run.seconds for run in ordered),
     )
+
+
+def labelled_series(runs: Sequence[SeriesRun]) -> list[nab.LabelledSeries]:
+    return [nab.LabelledSeries(run.data_file, run.scores, run.windows) for run in runs]

@@ -224,6 +224,18 @@ def sweep_threshold(corpus: Sequence[LabelledSeries], profile: Profile) -> Profi
     return _profile_score(profile, threshold, raw, window_count, detected, false_positives)
 
 
+def score_at_threshold(
+    corpus: Sequence[LabelledSeries], profile: Profile, threshold: float
+) -> ProfileScore:
+    """Score the corpus at a given threshold (one chosen elsewhere) instead of sweeping."""
+    events, window_count = _sweep_events(corpus, profile)
+    admitted = int(np.count_nonzero(events.scores >= threshold))
+    raw = -profile.fn_weight * window_count + float(events.deltas[:admitted].sum())
+    detected = int(np.count_nonzero(events.first_in_window[:admitted]))
+    false_positives = int(np.count_nonzero(events.is_false_positive[:admitted]))
+    return _profile_score(profile, threshold, raw, window_count, detected, false_positives)
+
+
 def _profile_score(
     profile: Profile,
     threshold: float,

@@ -13,7 +13,13 @@ from typer.testing import CliRunner
 
 from fleetmesh.analytics import nab
 from fleetmesh.analytics.cli import app
-from fleetmesh.analytics.harness import discover_data_files, run_nab
+from fleetmesh.analytics.harness import (
+    discover_data_files,
+    labelled_series,
+    load_reference_results,
+    run_grid,
+    run_nab,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -98,3 +104,96 @@ def test_cli_refuses_unknown_detectors(corpus: Path) -> None:
     result = CliRunner().invoke(app, ["nab", "--data", str(corpus), "-d", "nope"])
     assert result.exit_code != 0
     assert "unknown detector" in result.output
+
+
+def test_run_grid_runs_every_distinct_setting_over_every_file(corpus: Path) -> None:
+    grid = [{}, {"alpha": 0.2}, {}]
+    candidates = run_grid(corpus, "ewma", grid, workers=1)
+    assert [c.params for c in candidates] == [{}, {"alpha": 0.2}]
+    assert all(c.detector == "ewma" for c in candidates)
+    defaults, faster = candidates
+    assert [r.data_file for r in defaults.runs] == ["alpha/a.csv", "beta/b.csv"]
+    assert defaults.runs[0].params == "{}"
+    report = run_nab(corpus, ["ewma"], workers=1)[0]
+    assert nab.score_corpus(labelled_series(defaults.runs)) == report.scores
+    assert not np.array_equal(defaults.runs[0].scores, faster.runs[0].scores)
+
+
+def write_reference(corpus: Path, detector: str, data_file: str, flagged: int) -> None:
+    """A published-style result file flagging one row (its window's first: a perfect score)."""
+    category, _, name = data_file.partition("/")
+    rows = list(csv.DictReader((corpus / "data" / data_file).open()))
+    path = corpus / "reference_results" / detector / category / f"{detector}_{name}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["timestamp", "value", "anomaly_score", "label"])
+        for i, row in enumerate(rows):
+            writer.writerow([row["timestamp"], row["value"], 1.0 if i == flagged else 0.0, 0])
+
+
+def test_reference_results_are_loaded_per_detector(corpus: Path) -> None:
+    assert load_reference_results(corpus) == {}
+    write_reference(corpus, "oracle", "alpha/a.csv", 230)
+    write_reference(corpus, "oracle", "beta/b.csv", 280)
+    references = load_reference_results(corpus)
+    assert list(references) == ["oracle"]
+    assert nab.score_corpus(references["oracle"])["standard"].normalized == pytest.approx(100.0)
+
+
+def test_cli_held_out_reports_both_folds_beside_published_outputs(
+    corpus: Path, tmp_path: Path
+) -> None:
+    write_reference(corpus, "oracle", "alpha/a.csv", 230)
+    write_reference(corpus, "oracle", "beta/b.csv", 280)
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{}, {"alpha": 0.2}]))
+    result = CliRunner().invoke(
+        app,
+        ["nab-heldout", "--data", str(corpus), "-d", "ewma", "--grid", str(grid)],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    for expected in (
+        "alpha held out",
+        "ewma on beta (tuning)",
+        "beta held out",
+        "ewma on alpha (tuning)",
+        "thresholds carried",
+        "oracle (published outputs)",
+        "Every file, each held out",
+        "ewma: parameters chosen among 2 settings",
+        "alpha held out: chose",
+    ):
+        assert expected in result.output
+
+
+def test_cli_held_out_uses_each_detectors_own_grid(corpus: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["nab-heldout", "--data", str(corpus), "-d", "windowed_gaussian", "--workers", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "windowed_gaussian: parameters chosen among 3 settings" in result.output
+
+
+@pytest.mark.parametrize(
+    ("grid", "detectors", "message"),
+    [
+        ('{"alpha": 0.2}', "ewma", "non-empty JSON list"),
+        ("[]", "ewma", "non-empty JSON list"),
+        ("[{", "ewma", "not JSON"),
+        ("[{}]", "ewma,best", "exactly one detector"),
+    ],
+)
+def test_cli_held_out_refuses_bad_grids(
+    corpus: Path, tmp_path: Path, grid: str, detectors: str, message: str
+) -> None:
+    path = tmp_path / "grid.json"
+    path.write_text(grid)
+    result = CliRunner().invoke(
+        app,
+        ["nab-heldout", "--data", str(corpus), "-d", detectors, "--grid", str(path)],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code != 0
+    assert message in result.output

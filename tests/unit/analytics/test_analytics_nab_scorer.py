@@ -172,3 +172,29 @@ def test_published_results_reproduce_the_readme_subset_scores(
     scores = nab.score_result_dir(results, detector, nab_dir / "labels" / "combined_windows.json")
     got = tuple(scores[profile.name].normalized for profile in nab.DEFAULT_PROFILES)
     assert got == pytest.approx(expected, abs=0.1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(corpus=small_corpora(), profile=st.sampled_from(nab.DEFAULT_PROFILES))
+def test_scoring_at_the_swept_threshold_reproduces_the_sweep(
+    corpus: list[nab.LabelledSeries], profile: nab.Profile
+) -> None:
+    swept = nab.sweep_threshold(corpus, profile)
+    fixed = nab.score_at_threshold(corpus, profile, swept.threshold)
+    assert fixed.raw_score == pytest.approx(swept.raw_score, abs=1e-9)
+    assert (fixed.detected_windows, fixed.false_positives) == (
+        swept.detected_windows,
+        swept.false_positives,
+    )
+
+
+def test_a_given_threshold_is_scored_as_it_is_not_as_the_best_one() -> None:
+    corpus = [series({400: 0.4}), series({200: 0.5, 430: 0.3})]
+    # 0.45 admits only file b's false positive: both windows missed.
+    fixed = nab.score_at_threshold(corpus, STANDARD, 0.45)
+    assert (fixed.detected_windows, fixed.false_positives) == (0, 1)
+    assert fixed.raw_score == pytest.approx(-2.0 - 0.11)
+    assert fixed.threshold == 0.45
+    nothing = nab.score_at_threshold(corpus, STANDARD, math.inf)
+    assert nothing.normalized == 0.0
+    assert nab.sweep_threshold(corpus, STANDARD).raw_score > fixed.raw_score

@@ -25,6 +25,9 @@ class Detector(ABC):
     """A streaming anomaly detector: one `update` per point, in time order."""
 
     name: ClassVar[str]
+    # The parameter settings that held-out evaluation chooses among (`analytics.heldout`);
+    # the defaults come first, so they win ties.
+    tuning_grid: ClassVar[tuple[JsonDict, ...]] = ({},)
 
     @property
     @abstractmethod

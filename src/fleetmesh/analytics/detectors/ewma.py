@@ -19,6 +19,7 @@ class Ewma(Detector):
     """
 
     name = "ewma"
+    tuning_grid = ({}, {"alpha": 0.02}, {"alpha": 0.1}, {"season_seconds": 0.0})
 
     def __init__(
         self,

@@ -7,9 +7,12 @@ Three ideas, each kept deliberately simple:
    value, as a fraction of the range seen so far. Periodic spikes, plateaus
    and multi-modal signals therefore stop being anomalous once seen, while a
    new level, a higher spike or a drop to a new low are caught at once.
-2. Self-calibration. Each novelty is divided by a high quantile of the
+2. Self-calibration. Each novelty is divided by the tail scale of the
    novelties this stream has produced so far, so a dense sensor and a bursty
-   counter give comparable scores and one threshold fits every stream.
+   counter give comparable scores and one threshold fits every stream. The
+   scale is the geometric mean of two high quantiles (99% and 99.9%): a single
+   extreme quantile rests on a handful of past values in a short stream, and
+   the score then swings with which few values those happen to be.
 3. Context. When a daily or weekly profile explains the series better than
    its overall median (checked online), a second channel scores the novelty
    of the smoothed residual against the same time slot of previous periods;
@@ -26,7 +29,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from typing import Any
+from typing import Any, Self
 
 from fleetmesh.analytics.detectors.base import AlarmSpacer, Detector, JsonDict
 
@@ -120,20 +123,32 @@ class UniformSample:
 
 
 class TailCalibrator:
-    """Expresses a statistic as a multiple of a high quantile of its own past."""
+    """Expresses a statistic as a multiple of the tail scale of its own past.
 
-    def __init__(self, quantile: float, warmup: int, capacity: int) -> None:
-        self.quantile = quantile
+    The scale is the geometric mean of the `lower` and `upper` quantiles of the
+    past statistics. A stream whose statistic is mostly exactly zero (a counter
+    that keeps repeating the same few values) has a zero lower quantile; the
+    upper one alone is the scale then.
+    """
+
+    def __init__(self, lower: float, upper: float, warmup: int, capacity: int) -> None:
+        self.lower = lower
+        self.upper = upper
         self.warmup = warmup
         self.history = UniformSample(capacity)
 
     def ratio(self, statistic: float) -> float:
         if len(self.history) < self.warmup:
             return 0.0
-        reference = self.history.quantile(self.quantile)
+        reference = self._scale()
         if reference > 0.0:
             return statistic / reference
         return RATIO_WITHOUT_PRECEDENT if statistic > 0.0 else 0.0
+
+    def _scale(self) -> float:
+        upper = self.history.quantile(self.upper)
+        lower = self.history.quantile(self.lower)
+        return math.sqrt(lower * upper) if lower > 0.0 else upper
 
 
 class SeasonalChannel:
@@ -244,14 +259,32 @@ def _median(values: deque[float]) -> float:
 
 
 class FleetmeshNovelty(Detector):
-    """Calibrated value novelty + seasonal-residual novelty, with alarm spacing."""
+    """Calibrated value novelty + seasonal-residual novelty, with alarm spacing.
+
+    `quantile` and `lower_quantile` set the calibration scale (their geometric
+    mean); `lower_quantile=quantile` calibrates on the one quantile.
+    """
 
     name = "fleetmesh_novelty"
+    # The defaults, then one step either side of the main knobs, in signature order;
+    # lower_quantile=0.999 is the single-quantile calibration of earlier versions.
+    tuning_grid = (
+        {},
+        {"quantile": 0.998},
+        {"quantile": 0.9995},
+        {"lower_quantile": 0.98},
+        {"lower_quantile": 0.995},
+        {"lower_quantile": 0.999},
+        {"season_gate": 0.3},
+        {"rest": 100},
+        {"rest": 300},
+    )
 
     def __init__(
         self,
         memory: int = 10000,
         quantile: float = 0.999,
+        lower_quantile: float = 0.99,
         warmup: int = 100,
         periods: list[float] | tuple[float, ...] = (WEEK_SECONDS, DAY_SECONDS),
         season_depth: int = 3,
@@ -261,11 +294,14 @@ class FleetmeshNovelty(Detector):
         alarm_ratio: float = 0.25,
         escalation: float = 2.0,
     ) -> None:
-        if not 0.0 < quantile <= 1.0 or memory < 4 or warmup < 1:
-            raise ValueError("need 0 < quantile <= 1, memory >= 4 and warmup >= 1")
+        if not 0.0 < lower_quantile <= quantile <= 1.0 or memory < 4 or warmup < 1:
+            raise ValueError(
+                "need 0 < lower_quantile <= quantile <= 1, memory >= 4 and warmup >= 1"
+            )
         self._settings: JsonDict = {
             "memory": memory,
             "quantile": quantile,
+            "lower_quantile": lower_quantile,
             "warmup": warmup,
             "periods": [float(p) for p in periods],
             "season_depth": season_depth,
@@ -277,14 +313,14 @@ class FleetmeshNovelty(Detector):
         }
         self._values = SupportMemory(memory)
         self._value_sample = UniformSample(memory)
-        self._calibration = TailCalibrator(quantile, warmup, memory)
+        self._calibration = TailCalibrator(lower_quantile, quantile, warmup, memory)
         self._seasons = [
             SeasonalChannel(
                 period,
                 max(season_depth, 1),
                 max(season_smoothing, 1),
                 season_gate,
-                TailCalibrator(quantile, warmup, memory),
+                TailCalibrator(lower_quantile, quantile, warmup, memory),
             )
             for period in self._settings["periods"]
         ]
@@ -293,6 +329,14 @@ class FleetmeshNovelty(Detector):
     @property
     def params(self) -> JsonDict:
         return dict(self._settings)
+
+    @classmethod
+    def from_state(cls, state: JsonDict) -> Self:
+        # A state saved before `lower_quantile` existed was calibrated on `quantile` alone.
+        params = state.get("params")
+        if isinstance(params, dict) and "lower_quantile" not in params and "quantile" in params:
+            state = {**state, "params": {**params, "lower_quantile": params["quantile"]}}
+        return super().from_state(state)
 
     def _update(self, ts: float, value: float) -> float:
         ratio = self._value_ratio(value)

@@ -20,6 +20,7 @@ class WindowedGaussian(Detector):
     """
 
     name = "windowed_gaussian"
+    tuning_grid = ({}, {"window": 1000}, {"window": 20000})
 
     def __init__(self, window: int = 6400, min_history: int = 2) -> None:
         if window < 2:
