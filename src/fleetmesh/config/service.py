@@ -39,6 +39,7 @@ from fleetmesh.config.repository import (
     SqlConfigRepository,
 )
 from fleetmesh.core.backbone import Backbone
+from fleetmesh.core.blocking import IndexWaiters
 from fleetmesh.core.clock import Clock
 from fleetmesh.core.database import Database
 from fleetmesh.core.errors import Conflict, FieldError
@@ -381,11 +382,9 @@ class ConfigWatch:
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
-        self._versions: dict[str, int] = {}
-        self._conditions: dict[str, tuple[asyncio.Condition, int]] = {}
+        self._waiters = IndexWaiters()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self.closed = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="config-watch")
@@ -393,47 +392,24 @@ class ConfigWatch:
             await asyncio.wait_for(self._ready.wait(), 10)
 
     async def stop(self) -> None:
-        self.closed = True
-        for key in list(self._conditions):
-            await self._notify(key)
+        await self._waiters.close()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    @property
+    def closed(self) -> bool:
+        return self._waiters.closed
+
     def version(self, ref: ConfigRef) -> int:
-        return self._versions.get(config_kv_key(ref.service, ref.key, ref.namespace), 0)
+        return self._waiters.index(config_kv_key(ref.service, ref.key, ref.namespace))
 
     async def wait(self, ref: ConfigRef, after: int, timeout: float) -> int:
         """Wait until the mirrored version passes `after` (or the timeout)."""
         key = config_kv_key(ref.service, ref.key, ref.namespace)
-        if self._versions.get(key, 0) > after or self.closed:
-            return self._versions.get(key, 0)
-        condition, waiters = self._conditions.get(key, (asyncio.Condition(), 0))
-        self._conditions[key] = (condition, waiters + 1)
-        try:
-            async with condition:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        condition.wait_for(
-                            lambda: self._versions.get(key, 0) > after or self.closed
-                        ),
-                        timeout,
-                    )
-        finally:
-            condition, waiters = self._conditions[key]
-            if waiters <= 1:
-                del self._conditions[key]
-            else:
-                self._conditions[key] = (condition, waiters - 1)
-        return self._versions.get(key, 0)
-
-    async def _notify(self, key: str) -> None:
-        found = self._conditions.get(key)
-        if found is not None:
-            async with found[0]:
-                found[0].notify_all()
+        return await self._waiters.wait(key, after, timeout)
 
     async def _watch(self) -> None:
         backoff = 0.1
@@ -446,10 +422,7 @@ class ConfigWatch:
                     if entry is None:
                         self._ready.set()
                         continue
-                    version = contracts.kv_version(entry.value)
-                    if version > self._versions.get(entry.key, 0):
-                        self._versions[entry.key] = version
-                        await self._notify(entry.key)
+                    await self._waiters.advance(entry.key, contracts.kv_version(entry.value))
             except asyncio.CancelledError:
                 raise
             except Exception as error:

@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from fleetmesh.core.backbone import Backbone
+from fleetmesh.core.blocking import IndexWaiters
 from fleetmesh.core.clock import from_rfc3339, to_rfc3339
 from fleetmesh.core.errors import Overloaded
 from fleetmesh.core.logging import get_logger
@@ -197,12 +198,10 @@ class RegistryView:
         self._by_service: dict[str, set[str]] = {}
         self._revisions: dict[str, int] = {}
         self._heartbeats: dict[str, datetime] = {}
-        self._index: dict[str, int] = {}
-        self._conditions: dict[str, tuple[asyncio.Condition, int]] = {}
+        self._waiters = IndexWaiters()
         self._listeners: list[ChangeListener] = []
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -212,9 +211,7 @@ class RegistryView:
             await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def stop(self) -> None:
-        self._closed = True
-        for service in list(self._conditions):
-            await self._notify(service)
+        await self._waiters.close()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -223,7 +220,7 @@ class RegistryView:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._waiters.closed
 
     def on_change(self, listener: ChangeListener) -> Callable[[], None]:
         self._listeners.append(listener)
@@ -246,7 +243,7 @@ class RegistryView:
 
     def index(self, service: str) -> int:
         """The highest KV revision of the service's keys, deletions included."""
-        return self._index.get(service, 0)
+        return self._waiters.index(service)
 
     def last_heartbeat(self, key: str) -> datetime | None:
         return self._heartbeats.get(key)
@@ -256,19 +253,7 @@ class RegistryView:
 
     async def wait_for_change(self, service: str, after: int, timeout: float) -> int:
         """Wait until the service's index passes `after` (or the timeout); returns the index."""
-        if self.index(service) > after or self._closed:
-            return self.index(service)
-        condition = self._enter(service)
-        try:
-            async with condition:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        condition.wait_for(lambda: self.index(service) > after or self._closed),
-                        timeout,
-                    )
-        finally:
-            self._leave(service)
-        return self.index(service)
+        return await self._waiters.wait(service, after, timeout)
 
     # -- writes ------------------------------------------------------------
 
@@ -341,9 +326,8 @@ class RegistryView:
 
     async def _changed(self, service: str, key: str, revision: int) -> None:
         self._revisions[key] = revision
-        self._index[service] = max(self._index.get(service, 0), revision)
         self._tell(key)
-        await self._notify(service)
+        await self._waiters.advance(service, revision)
 
     def _tell(self, key: str) -> None:
         for listener in list(self._listeners):
@@ -351,26 +335,6 @@ class RegistryView:
                 listener(key)
             except Exception as error:  # one failing listener never stops the others
                 log.warning("registry_listener_failed", error=repr(error))
-
-    # -- waiters -----------------------------------------------------------
-
-    def _enter(self, service: str) -> asyncio.Condition:
-        condition, waiters = self._conditions.get(service, (asyncio.Condition(), 0))
-        self._conditions[service] = (condition, waiters + 1)
-        return condition
-
-    def _leave(self, service: str) -> None:
-        condition, waiters = self._conditions[service]
-        if waiters <= 1:
-            del self._conditions[service]
-        else:
-            self._conditions[service] = (condition, waiters - 1)
-
-    async def _notify(self, service: str) -> None:
-        found = self._conditions.get(service)
-        if found is not None:
-            async with found[0]:
-                found[0].notify_all()
 
     # -- the watch -----------------------------------------------------------
 
