@@ -22,6 +22,10 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 SECRET_BYTES = 32
 VERIFIED_TTL_S = 300.0
+RECENT_TTL_S = 2.0
+"""A device that just passed a full check is not read again for this long: telemetry at
+high rates would otherwise read the device row on every request. Rotation or
+deregistration in another process takes effect within it (at once in this one)."""
 MAX_CACHED = 200_000
 
 
@@ -40,7 +44,8 @@ class CredentialHasher:
         )
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
         self._workers = workers
-        self._verified: dict[str, tuple[float, bytes]] = {}
+        self._verified: dict[str, tuple[float, bytes, str]] = {}
+        self._confirmed: dict[str, tuple[float, bytes]] = {}
 
     def hash_now(self, secret: str) -> str:
         return self._hasher.hash(secret)
@@ -64,11 +69,13 @@ class CredentialHasher:
         return [self._hasher.hash(secret) for secret in chunk]
 
     async def verify(self, device_id: str, stored_hash: str, secret: str) -> bool:
+        """Whether `secret` matches `stored_hash`; argon2 runs once per (hash, secret) pair
+        within `VERIFIED_TTL_S`, and a new hash (a rotation elsewhere) is checked afresh."""
         if not stored_hash or not secret:
             return False
         fingerprint = hashlib.sha256(secret.encode()).digest()
         cached = self._verified.get(device_id)
-        if cached and time.monotonic() - cached[0] < VERIFIED_TTL_S:
+        if cached and cached[2] == stored_hash and time.monotonic() - cached[0] < VERIFIED_TTL_S:
             return hmac.compare_digest(cached[1], fingerprint)
         ok = await asyncio.get_running_loop().run_in_executor(
             self._pool, self._verify_now, stored_hash, secret
@@ -76,8 +83,20 @@ class CredentialHasher:
         if ok:
             if len(self._verified) >= MAX_CACHED:
                 self._verified.clear()
-            self._verified[device_id] = (time.monotonic(), fingerprint)
+            self._verified[device_id] = (time.monotonic(), fingerprint, stored_hash)
         return ok
+
+    def confirmed_recently(self, device_id: str, secret: str) -> bool:
+        """This secret passed a full check (device read + hash) within `RECENT_TTL_S`."""
+        confirmed = self._confirmed.get(device_id)
+        if confirmed is None or time.monotonic() - confirmed[0] >= RECENT_TTL_S:
+            return False
+        return hmac.compare_digest(confirmed[1], hashlib.sha256(secret.encode()).digest())
+
+    def note_confirmed(self, device_id: str, secret: str) -> None:
+        if len(self._confirmed) >= MAX_CACHED:
+            self._confirmed.clear()
+        self._confirmed[device_id] = (time.monotonic(), hashlib.sha256(secret.encode()).digest())
 
     def _verify_now(self, stored_hash: str, secret: str) -> bool:
         try:
@@ -87,6 +106,7 @@ class CredentialHasher:
 
     def forget(self, device_id: str) -> None:
         self._verified.pop(device_id, None)
+        self._confirmed.pop(device_id, None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -281,8 +281,13 @@ class DeviceQueries:
 
     async def verify_device(self, device_id: str, secret: str) -> bool:
         """True if the secret is the device's current credential and it is registered."""
+        if self.hasher.confirmed_recently(device_id, secret):
+            return True
         async with self.database.session() as session:
             device = await SqlDeviceRepository(session).get(device_id)
         if device is None or not device.is_active:
             return False
-        return await self.hasher.verify(device_id, device.credential_hash, secret)
+        ok = await self.hasher.verify(device_id, device.credential_hash, secret)
+        if ok:
+            self.hasher.note_confirmed(device_id, secret)
+        return ok
