@@ -9,12 +9,15 @@ every entry, and `fleetmesh bench all` runs them in this order):
 
 from __future__ import annotations
 
-from fleetmesh.bench import events, registry
+from fleetmesh.bench import events, governance, ingest, registry, status
 from fleetmesh.bench.report import Bench, BenchOptions, BenchReport, Result
 
 BENCHES: dict[str, Bench] = {
     registry.NAME: registry.run,
+    ingest.NAME: ingest.run,
     events.NAME: events.run,
+    status.NAME: status.run,
+    governance.NAME: governance.run,
 }
 
 __all__ = ["BENCHES", "Bench", "BenchOptions", "BenchReport", "Result"]

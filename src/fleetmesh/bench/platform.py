@@ -49,9 +49,11 @@ class PlatformProcess:
         data_dir: Path,
         log_path: Path,
         database_url: str | None = None,
+        nats_port: int = 0,
     ) -> None:
         self.process = process
         self.base_url = base_url
+        self.nats_url = f"nats://127.0.0.1:{nats_port}"
         self.data_dir = data_dir
         self.log_path = log_path
         self.database_url = database_url
@@ -106,6 +108,7 @@ class PlatformProcess:
         extra_args: tuple[str, ...] = (),
     ) -> PlatformProcess:
         http_port = free_port()
+        nats_port = free_port()
         command = [
             sys.executable,
             "-m",
@@ -116,7 +119,7 @@ class PlatformProcess:
             "--http-port",
             str(http_port),
             "--nats-port",
-            str(free_port()),
+            str(nats_port),
             "--mqtt-port",
             str(free_port()),
             "--log-level",
@@ -137,7 +140,8 @@ class PlatformProcess:
                 preexec_fn=die_with_parent,
                 start_new_session=True,
             )
-        return cls(process, f"http://127.0.0.1:{http_port}", data_dir, log_path, database_url)
+        base_url = f"http://127.0.0.1:{http_port}"
+        return cls(process, base_url, data_dir, log_path, database_url, nats_port)
 
     async def _obtain_key(self) -> None:
         """The admin key of a fresh data dir; on a database that has keys, an operator key."""

@@ -152,10 +152,14 @@ async def test_device_writes_only_its_own_telemetry_and_viewer_keys_cannot_write
     mine = await sqlite_client.post("/api/v1/devices/d-own/telemetry", content=point, headers=basic)
     assert mine.status_code == 202, mine.text
     other = await sqlite_client.post(
-        "/api/v1/devices/d-other/telemetry", content=point, headers=basic
+        "/api/v1/devices/d-other/telemetry",
+        content=point,
+        headers=basic,
+        params={"wait": "stored"},  # were it accepted, it would be queryable below
     )
     assert other.status_code == 403
     assert other.headers["content-type"] == "application/problem+json"
+    assert await points(sqlite_client, "d-other") == [], "nothing stored under the other id"
     wrong_secret = base64.b64encode(b"d-own:not-the-secret").decode()
     refused = await sqlite_client.post(
         "/api/v1/devices/d-own/telemetry",

@@ -89,32 +89,33 @@ def now_ms() -> int:
 
 
 async def test_qos0_and_qos1_publishes_are_stored(
-    sqlite_platform: Platform, sqlite_client: httpx.AsyncClient
+    platform: Platform, client: httpx.AsyncClient
 ) -> None:
-    secrets = await register(sqlite_client, "m-1")
+    secrets = await register(client, "m-1")
     at = now_ms()
-    async with mqtt(sqlite_platform, "m-1", secrets["m-1"]) as device:
+    async with mqtt(platform, "m-1", secrets["m-1"]) as device:
         await device.publish("devices/m-1/telemetry", point(21.5, at), qos=1)
         await device.publish("devices/m-1/telemetry", point(22.5, at + 1), qos=0)
         compact = json.dumps({"ts": at + 2, "values": {"temp": 23.5}}).encode()
         await device.publish("devices/m-1/telemetry", compact, qos=1)
-    points = await wait_stored(sqlite_client, "m-1", 3)
+    points = await wait_stored(client, "m-1", 3)
     assert values_of(points) == [21.5, 22.5, 23.5]
 
 
-@pytest.mark.parametrize("qos", [0, 1])
 async def test_mosquitto_pub_publishes_are_stored(
-    sqlite_platform: Platform, sqlite_client: httpx.AsyncClient, qos: int
+    platform: Platform, client: httpx.AsyncClient
 ) -> None:
-    secrets = await register(sqlite_client, "cli-1")
-    process = await asyncio.create_subprocess_exec(
-        "mosquitto_pub", "-h", "127.0.0.1", "-p", str(sqlite_platform.ports.mqtt),
-        "-i", "cli-1", "-u", "cli-1", "-P", secrets["cli-1"],
-        "-t", "devices/cli-1/telemetry", "-q", str(qos), "-m", point(19.25, now_ms()).decode(),
-    )  # fmt: skip
-    assert await process.wait() == 0
-    points = await wait_stored(sqlite_client, "cli-1", 1)
-    assert values_of(points) == [19.25]
+    secrets = await register(client, "cli-1")
+    at = now_ms()
+    for qos, value in ((0, 19.25), (1, 19.5)):
+        process = await asyncio.create_subprocess_exec(
+            "mosquitto_pub", "-h", "127.0.0.1", "-p", str(platform.ports.mqtt),
+            "-i", "cli-1", "-u", "cli-1", "-P", secrets["cli-1"], "-t", "devices/cli-1/telemetry",
+            "-q", str(qos), "-m", point(value, at + qos).decode(),
+        )  # fmt: skip
+        assert await process.wait() == 0
+    points = await wait_stored(client, "cli-1", 2)
+    assert values_of(points) == [19.25, 19.5]
 
 
 async def test_a_device_cannot_publish_as_another(

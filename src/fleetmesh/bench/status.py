@@ -1,0 +1,424 @@
+"""`fleetmesh bench status`: offline-detection delay and status updates/s, beside their limits.
+
+For each fleet size the status context runs in-process, as `fleetmesh up` runs
+it (`bootstrap` with only the status context: its consumers, report batcher,
+deadline runner and outbox relay, on a real nats-server and a fresh SQLite
+file, or the PostgreSQL database given), and:
+
+1. learns the fleet from the device registry's events, handed to
+   `StatusService.project` in chunks (what its projection consumer does with
+   `type_defined` and `registered`; no credentials are hashed for the bench);
+2. takes one telemetry report per device through `ReportBatcher.submit`, the
+   entry point of its liveness consumer, with that consumer's flow control
+   (`CHUNK` reports per fetch, at most `MAX_UNSETTLED` not yet stored), the
+   device type's timeout an hour long meanwhile: status updates/s is the fleet
+   size over the time from the first report to the last one committed (each
+   update writes the status row, a history row, an outbox event and a quality
+   sample), beside raw storage rows/s;
+3. lets the fleet go silent: the type's timeout becomes a short one, so the
+   earliest deadline (last report + timeout) lands `MARGIN_S` after the change,
+   and the deadlines come due as densely as the reports came in (the whole
+   fleet silent at once, right after reporting as fast as it was taken). The
+   delay of a device is from its deadline to the commit of its offline
+   `status_changed` (the outbox row's creation time), and to that event's
+   publication on the bus by the outbox relay (given `PUBLISH_WAIT_S` once
+   the fleet is offline; what it has not published by then is counted); the
+   target is the 1 s deadline tolerance. Missing or repeated offline
+   transitions are counted too.
+
+Raw storage rows/s (SQLite executemany into an indexed table, or PostgreSQL
+COPY) is measured before and after the platform runs, and the better of the two
+is kept, like the other benches do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import func, select
+
+from fleetmesh.bench import limits
+from fleetmesh.bench.platform import BenchError, percentile
+from fleetmesh.bench.report import BenchOptions, BenchReport, machine_info
+from fleetmesh.bootstrap import Platform, bootstrap
+from fleetmesh.core.clock import Clock, from_rfc3339, to_rfc3339
+from fleetmesh.core.envelope import subject_for_type
+from fleetmesh.core.logging import set_log_level
+from fleetmesh.core.ports import free_port
+from fleetmesh.core.settings import Settings
+from fleetmesh.core.tables import outbox
+from fleetmesh.status import contracts
+from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport
+from fleetmesh.status.liveness import ReportBatcher
+from fleetmesh.status.repository import status_devices
+from fleetmesh.status.service import FlushResult, StatusService
+
+NAME = "status"
+FLEETS = (10_000, 100_000)
+QUICK_FLEETS = (1_000, 5_000)
+CHUNK = 1_000
+"""Reports per fetch of the liveness consumer."""
+MAX_UNSETTLED = 20_000
+"""The liveness consumer's `max_ack_pending`: reports submitted and not yet stored."""
+PROJECTION_CHUNK = 5_000
+FEED_TIMEOUT_S = 3600.0
+MARGIN_S = 10.0
+QUICK_MARGIN_S = 4.0
+TOLERANCE_S = 1.0
+"""How late an offline transition may be committed after its deadline."""
+PUBLISH_WAIT_S = 60.0
+"""How long the outbox relay gets, once the fleet is offline, to publish its events."""
+QUALITY = 1.0
+OFFSET_NAME = "bench-status"
+STATUS_CHANGED_SUBJECT = subject_for_type(contracts.STATUS_CHANGED)
+
+_T = TypeVar("_T")
+
+
+async def run(options: BenchOptions) -> BenchReport:
+    """Offline-detection delay beyond the timeout and status updates/s, for 10k and 100k devices."""
+    report = BenchReport(NAME)
+    before = await _measure_storage(options, "before")
+    fleets: list[Fleet] = []
+    previous_level = logging.getLevelName(logging.getLogger().level)
+    set_log_level("ERROR")  # the platform runs in this process: keep its logs off the progress
+    try:
+        for size in QUICK_FLEETS if options.quick else FLEETS:
+            with tempfile.TemporaryDirectory(prefix="fleetmesh-bench-status-") as tmp:
+                fleets.append(await _measure_fleet(Path(tmp), size, options))
+    finally:
+        set_log_level(previous_level)
+    storage = before.best(await _measure_storage(options, "after"))
+    for fleet in fleets:
+        fill(report, fleet, storage)
+    report.add(storage.name, storage.rows_per_s, "rows/s")
+    report.machine = machine_info(postgres_version=storage.postgres_version)
+    return report
+
+
+# --------------------------------------------------------------------------- figures
+
+
+@dataclass
+class Offline:
+    """Offline transitions of a fleet: delays past each deadline, in seconds, ascending."""
+
+    committed: list[float] = field(default_factory=list)
+    published: list[float] = field(default_factory=list)
+    missing: int = 0
+    repeated: int = 0
+    unpublished: int = 0
+
+
+@dataclass
+class Fleet:
+    """What one fleet size measured."""
+
+    size: int
+    updates_per_s: float = 0.0
+    stored_latencies: list[float] = field(default_factory=list)
+    timeout_s: float = 0.0
+    rearm_s: float = 0.0
+    offline: Offline = field(default_factory=Offline)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Raw storage rows/s of this machine: the ceiling of a status write."""
+
+    name: str
+    rows_per_s: float
+    postgres_version: str | None = None
+
+    def best(self, other: Storage) -> Storage:
+        return Storage(
+            self.name,
+            max(self.rows_per_s, other.rows_per_s),
+            self.postgres_version or other.postgres_version,
+        )
+
+
+def offline_outcome(
+    rows: Iterable[tuple[datetime, datetime | None, bytes]], devices: set[str]
+) -> Offline:
+    """Delays of the offline `status_changed` events of `devices`, from outbox rows
+    (created at, published at, CloudEvent JSON); the deadline is the event's `at`."""
+    outcome = Offline()
+    per_device: Counter[str] = Counter()
+    for created_at, published_at, payload in rows:
+        event = json.loads(payload)
+        data = event["data"]
+        if data["current"] != DeviceState.OFFLINE.value or data["device_id"] not in devices:
+            continue
+        per_device[data["device_id"]] += 1
+        deadline = from_rfc3339(data["at"])
+        outcome.committed.append((created_at - deadline).total_seconds())
+        if published_at is None:
+            outcome.unpublished += 1
+        else:
+            outcome.published.append((published_at - deadline).total_seconds())
+    outcome.committed.sort()
+    outcome.published.sort()
+    outcome.missing = len(devices) - len(per_device)
+    outcome.repeated = sum(count - 1 for count in per_device.values())
+    return outcome
+
+
+def silent_timeout(first_report: datetime, now: datetime, margin_s: float) -> float:
+    """A timeout (whole seconds) whose earliest deadline is at least `margin_s` after `now`."""
+    return float(math.ceil((now - first_report).total_seconds() + margin_s))
+
+
+def fill(report: BenchReport, fleet: Fleet, storage: Storage) -> None:
+    label = f"{fleet.size:,} devices"
+    target = f"deadline tolerance ({TOLERANCE_S:g} s)"
+    committed, published = fleet.offline.committed, fleet.offline.published
+    for share, name in ((0.50, "p50"), (0.99, "p99"), (1.0, "max")):
+        report.add(
+            f"offline-detection delay {name} beyond the timeout, {label}",
+            percentile(committed, share) * 1000,
+            "ms",
+            limit_name=target,
+            limit_value=TOLERANCE_S * 1000,
+        )
+    if published:  # none at all when the relay is still busy with the online events
+        for share, name in ((0.99, "p99"), (1.0, "max")):
+            report.add(
+                f"offline event published, delay {name} beyond the timeout, {label}",
+                percentile(published, share) * 1000,
+                "ms",
+            )
+    report.add(
+        f"status updates/s processed (report in -> stored), {label}",
+        fleet.updates_per_s,
+        "updates/s",
+        limit_name=storage.name,
+        limit_value=storage.rows_per_s,
+    )
+    latencies = sorted(fleet.stored_latencies)
+    report.add(f"report -> stored latency p50, {label}", percentile(latencies, 0.50) * 1000, "ms")
+    report.add(f"report -> stored latency p99, {label}", percentile(latencies, 0.99) * 1000, "ms")
+    report.add(f"offline timeout used, {label}", fleet.timeout_s, "s")
+    report.add(f"deadlines re-armed from the store, {label}", fleet.rearm_s * 1000, "ms")
+    report.add(f"offline transitions missing, {label}", float(fleet.offline.missing), "devices")
+    report.add(f"offline transitions repeated, {label}", float(fleet.offline.repeated), "events")
+    report.add(
+        f"offline events unpublished {PUBLISH_WAIT_S:g} s after the last offline, {label}",
+        float(fleet.offline.unpublished),
+        "events",
+    )
+
+
+# --------------------------------------------------------------------------- one fleet
+
+
+async def _measure_fleet(work_dir: Path, size: int, options: BenchOptions) -> Fleet:
+    fleet = Fleet(size)
+    run_id = secrets.token_hex(4)  # a reused PostgreSQL database may hold earlier runs
+    device_type = f"bench-status-{run_id}"
+    devices = [f"bench-{run_id}-{i:07d}" for i in range(size)]
+    with options.step(f"{size:,} devices: starting the status context"):
+        platform = bootstrap(_settings(work_dir, options.database_url), contexts=["status"])
+        await platform.start()
+    try:
+        service = _provided(platform, "status_service", StatusService)
+        batcher = _provided(platform, "status_batcher", ReportBatcher)
+        started = platform.clock.now()
+        await _project(service, device_type, devices, options)
+        first_report, fleet.updates_per_s, fleet.stored_latencies = await _feed(
+            platform, batcher, devices, options
+        )
+        margin = QUICK_MARGIN_S if options.quick else MARGIN_S
+        fleet.timeout_s = silent_timeout(first_report, platform.clock.now(), margin)
+        with options.step(f"{size:,} devices: timeout {fleet.timeout_s:g} s, re-arming"):
+            rearm_started = time.perf_counter()
+            await service.project([contracts.TypeDefined(device_type, fleet.timeout_s)])
+            fleet.rearm_s = time.perf_counter() - rearm_started
+        await _wait_offline(platform, device_type, size, fleet.timeout_s, options)
+        await _wait_published(platform, started, options)
+        fleet.offline = offline_outcome(await _status_changes(platform, started), set(devices))
+    finally:
+        with options.step(f"{size:,} devices: stopping"):
+            await platform.stop()
+    return fleet
+
+
+def _settings(data_dir: Path, database_url: str | None) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        host="127.0.0.1",
+        http_port=free_port(),
+        nats_port=free_port(),
+        mqtt_port=free_port(),
+        nats=None,
+        database_url=database_url,
+        log_level="ERROR",
+    )
+
+
+def _provided(platform: Platform, name: str, kind: type[_T]) -> _T:
+    found = platform.provided(name)
+    if not isinstance(found, kind):
+        raise BenchError(f"the status context does not provide {name}")
+    return found
+
+
+async def _project(
+    service: StatusService, device_type: str, devices: list[str], options: BenchOptions
+) -> None:
+    await service.project([contracts.TypeDefined(device_type, FEED_TIMEOUT_S)])
+    registered_at = to_rfc3339(service.clock.now())
+    with options.step(f"{len(devices):,} devices: registering", len(devices)) as step:
+        for start in range(0, len(devices), PROJECTION_CHUNK):
+            chunk = devices[start : start + PROJECTION_CHUNK]
+            await service.project(
+                [contracts.Registered(d, registered_at, device_type) for d in chunk]
+            )
+            step.advance(len(chunk))
+
+
+async def _feed(
+    platform: Platform, batcher: ReportBatcher, devices: list[str], options: BenchOptions
+) -> tuple[datetime, float, list[float]]:
+    """One telemetry report per device; (first report's time, updates/s, latencies in s)."""
+    clock = platform.clock
+    unsettled: dict[asyncio.Future[FlushResult], int] = {}
+    sent: list[tuple[float, int, asyncio.Future[FlushResult]]] = []
+    stored_at: dict[asyncio.Future[FlushResult], float] = {}
+    first_report = clock.now()
+    with options.step(f"{len(devices):,} devices: reporting", len(devices)) as step:
+        began = time.monotonic()
+        for start in range(0, len(devices), CHUNK):
+            chunk = devices[start : start + CHUNK]
+            while unsettled and sum(unsettled.values()) + len(chunk) > MAX_UNSETTLED:
+                done, _ = await asyncio.wait(unsettled, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    step.advance(unsettled.pop(future))
+            submitted = time.monotonic()
+            future = _submit(batcher, chunk, clock, start)
+            if future not in stored_at:
+                stored_at[future] = 0.0
+                future.add_done_callback(lambda done: stored_at.__setitem__(done, time.monotonic()))
+            unsettled[future] = unsettled.get(future, 0) + len(chunk)
+            sent.append((submitted, len(chunk), future))
+            await asyncio.sleep(0)  # the consumer awaits its next fetch here
+        results = await asyncio.gather(*unsettled)
+        step.advance(sum(unsettled.values()))
+    _check_stored(results)
+    finished = max(stored_at.values())
+    latencies = [stored_at[future] - at for at, count, future in sent for _ in range(count)]
+    return first_report, len(devices) / max(finished - began, 1e-9), latencies
+
+
+def _submit(
+    batcher: ReportBatcher, chunk: list[str], clock: Clock, offset: int
+) -> asyncio.Future[FlushResult]:
+    """What the liveness consumer does with one fetch of `telemetry.collected` events."""
+    future: asyncio.Future[FlushResult] | None = None
+    for index, device_id in enumerate(chunk):
+        at = clock.now()
+        future = batcher.submit(
+            device_id,
+            StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, at),
+            quality=(at, 1, QUALITY),
+            offset=(OFFSET_NAME, offset + index + 1),
+        )
+    if future is None:
+        raise BenchError("an empty chunk of reports")
+    return future
+
+
+def _check_stored(results: list[FlushResult]) -> None:
+    unknown = sum(len(r.unknown) for r in results)
+    failed = sum(len(r.failed) for r in results)
+    if unknown or failed:
+        raise BenchError(f"reports not stored: {unknown} unknown devices, {failed} failed")
+
+
+async def _count(platform: Platform, device_type: str, state: DeviceState) -> int:
+    async with platform.database.session() as session:
+        count = await session.scalar(
+            select(func.count())
+            .select_from(status_devices)
+            .where(status_devices.c.type_name == device_type, status_devices.c.status == state)
+        )
+    return int(count or 0)
+
+
+async def _wait_offline(
+    platform: Platform, device_type: str, size: int, timeout_s: float, options: BenchOptions
+) -> None:
+    patience = timeout_s + 60 + size / 500
+    deadline = time.monotonic() + patience
+    with options.step(f"{size:,} devices: silent, waiting for offline", size) as step:
+        seen = 0
+        while seen < size:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{size - seen} devices still not offline after {patience:.0f} s")
+            await asyncio.sleep(0.5)
+            count = await _count(platform, device_type, DeviceState.OFFLINE)
+            step.advance(count - seen)
+            seen = count
+
+
+async def _wait_published(platform: Platform, since: datetime, options: BenchOptions) -> None:
+    """Until the outbox relay published every status_changed of the run, at most a while."""
+    deadline = time.monotonic() + PUBLISH_WAIT_S
+    with options.step("waiting for the outbox relay"):
+        while time.monotonic() < deadline:
+            async with platform.database.session() as session:
+                pending = await session.scalar(
+                    select(func.count())
+                    .select_from(outbox)
+                    .where(
+                        outbox.c.subject == STATUS_CHANGED_SUBJECT,
+                        outbox.c.created_at >= since,
+                        outbox.c.published_at.is_(None),
+                    )
+                )
+            if not pending:
+                return
+            await asyncio.sleep(0.5)
+
+
+async def _status_changes(
+    platform: Platform, since: datetime
+) -> list[tuple[datetime, datetime | None, bytes]]:
+    async with platform.database.session() as session:
+        rows = await session.execute(
+            select(outbox.c.created_at, outbox.c.published_at, outbox.c.payload).where(
+                outbox.c.subject == STATUS_CHANGED_SUBJECT, outbox.c.created_at >= since
+            )
+        )
+        return [(row.created_at, row.published_at, bytes(row.payload)) for row in rows]
+
+
+# --------------------------------------------------------------------------- limits
+
+
+async def _measure_storage(options: BenchOptions, when: str) -> Storage:
+    rows = options.pick(100_000, 5_000)
+    if options.database_url:
+        with options.step(f"limit ({when}): PostgreSQL COPY", rows) as step:
+            rate = await limits.postgres_copy_rows_per_s(
+                options.database_url, rows, on_progress=step.advance
+            )
+        version = await limits.postgres_version(options.database_url)
+        return Storage("PostgreSQL COPY rows/s", rate, version)
+    with options.step(f"limit ({when}): SQLite executemany (indexed)", rows) as step:
+        rate = await asyncio.to_thread(
+            limits.sqlite_executemany_rows_per_s, rows, indexed=True, on_progress=step.advance
+        )
+    return Storage("SQLite executemany rows/s (indexed)", rate)
