@@ -26,6 +26,14 @@ file, or the PostgreSQL database given), and:
    target is the 1 s deadline tolerance. Missing or repeated offline
    transitions are counted too.
 
+4. then, beside that worst case, a steady fleet: every device reports once per
+   period (`SPREAD_RATE` reports/s over the fleet, at a random phase of the
+   period each, so deadlines are spread over time, as in a running fleet), the
+   timeout is two periods, and a share (`SILENT_SHARE`) of the devices goes
+   silent each at a random time of the second period. Reported: the delay of
+   their offline transitions beyond the timeout (p50/p99/max), missing ones, and
+   offline transitions of devices that kept reporting (false alarms).
+
 Raw storage rows/s (SQLite executemany into an indexed table, or PostgreSQL
 COPY) is measured before and after the platform runs, and the better of the two
 is kept, like the other benches do.
@@ -34,14 +42,16 @@ is kept, like the other benches do.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import math
+import random
 import secrets
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -81,6 +91,17 @@ TOLERANCE_S = 1.0
 PUBLISH_WAIT_S = 60.0
 """How long the outbox relay gets, once the fleet is offline, to publish its events."""
 QUALITY = 1.0
+SPREAD_RATE = 5_000
+QUICK_SPREAD_RATE = 2_500
+"""Reports/s of the whole steady fleet: each device reports every `size / rate` seconds."""
+MIN_SPREAD_PERIOD_S = 5.0
+QUICK_MIN_SPREAD_PERIOD_S = 2.0
+SILENT_SHARE = 0.1
+"""Devices of the steady fleet that go silent, each at a random time."""
+SPREAD_TICK_S = 0.05
+STEADY_PATIENCE_S = 30.0
+"""How long the steady fleet keeps reporting after the plan's end for late offlines."""
+SPREAD_SEED = 20_260_101
 OFFSET_NAME = "bench-status"
 STATUS_CHANGED_SUBJECT = subject_for_type(contracts.STATUS_CHANGED)
 
@@ -132,6 +153,19 @@ class Fleet:
     timeout_s: float = 0.0
     rearm_s: float = 0.0
     offline: Offline = field(default_factory=Offline)
+    steady: Steady | None = None
+
+
+@dataclass
+class Steady:
+    """The steady fleet: deadlines spread over time, a share of the devices going silent."""
+
+    period_s: float
+    timeout_s: float
+    silent: int
+    offline: Offline = field(default_factory=Offline)
+    false_offline: int = 0
+    reports: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,6 +253,76 @@ def fill(report: BenchReport, fleet: Fleet, storage: Storage) -> None:
         float(fleet.offline.unpublished),
         "events",
     )
+    if fleet.steady is not None:
+        fill_steady(report, fleet.steady, label)
+
+
+def fill_steady(report: BenchReport, steady: Steady, label: str) -> None:
+    label = f"steady fleet, {label}"
+    target = f"deadline tolerance ({TOLERANCE_S:g} s)"
+    for share, name in ((0.50, "p50"), (0.99, "p99"), (1.0, "max")):
+        report.add(
+            f"offline-detection delay {name} beyond the timeout, {label}",
+            percentile(steady.offline.committed, share) * 1000,
+            "ms",
+            limit_name=target,
+            limit_value=TOLERANCE_S * 1000,
+        )
+    report.add(f"report period, {label}", steady.period_s, "s")
+    report.add(f"offline timeout used, {label}", steady.timeout_s, "s")
+    report.add(f"devices gone silent, {label}", float(steady.silent), "devices")
+    report.add(f"reports sent, {label}", float(steady.reports), "reports")
+    report.add(f"offline transitions missing, {label}", float(steady.offline.missing), "devices")
+    report.add(f"offline transitions repeated, {label}", float(steady.offline.repeated), "events")
+    report.add(
+        f"offline transitions of devices still reporting, {label}",
+        float(steady.false_offline),
+        "events",
+    )
+
+
+@dataclass(frozen=True)
+class SteadyPlan:
+    """When each device of the steady fleet reports, and when the silent ones stop."""
+
+    period_s: float
+    offsets: list[tuple[float, str]]
+    """(seconds into each period, device), ascending."""
+    silent_at: dict[str, float]
+    """Device -> seconds after the start from which it sends nothing."""
+
+    def due(self, after: float, until: float) -> list[str]:
+        """Devices with a report due in (after, until] seconds after the start."""
+        found: list[str] = []
+        period = self.period_s
+        first_round = max(0, math.floor(after / period))
+        for round_index in range(first_round, math.floor(until / period) + 1):
+            base = round_index * period
+            lo = bisect.bisect_right(self.offsets, (after - base, "\uffff"))
+            hi = bisect.bisect_right(self.offsets, (until - base, "\uffff"))
+            for offset, device_id in self.offsets[lo:hi]:
+                silent = self.silent_at.get(device_id)
+                if silent is None or base + offset < silent:
+                    found.append(device_id)
+        return found
+
+    @property
+    def end_s(self) -> float:
+        """Seconds after the start when the last silent device's deadline has passed."""
+        return 2 * self.period_s + 2 * self.period_s + TOLERANCE_S
+
+
+def steady_plan(devices: list[str], period_s: float, seed: int = SPREAD_SEED) -> SteadyPlan:
+    """Each device reports at a random phase of the period; `SILENT_SHARE` of them stop
+    at a random time of the second period (after their first report)."""
+    rng = random.Random(seed)
+    offsets = sorted((rng.uniform(0, period_s), device_id) for device_id in devices)
+    silent = rng.sample(devices, round(len(devices) * SILENT_SHARE))
+    return SteadyPlan(
+        period_s,
+        offsets,
+        {device_id: rng.uniform(period_s, 2 * period_s) for device_id in silent},
+    )
 
 
 # --------------------------------------------------------------------------- one fleet
@@ -249,6 +353,9 @@ async def _measure_fleet(work_dir: Path, size: int, options: BenchOptions) -> Fl
         await _wait_offline(platform, device_type, size, fleet.timeout_s, options)
         await _wait_published(platform, started, options)
         fleet.offline = offline_outcome(await _status_changes(platform, started), set(devices))
+        fleet.steady = await _measure_steady(
+            platform, service, batcher, device_type, devices, options
+        )
     finally:
         with options.step(f"{size:,} devices: stopping"):
             await platform.stop()
@@ -338,6 +445,82 @@ def _submit(
     if future is None:
         raise BenchError("an empty chunk of reports")
     return future
+
+
+async def _measure_steady(
+    platform: Platform,
+    service: StatusService,
+    batcher: ReportBatcher,
+    device_type: str,
+    devices: list[str],
+    options: BenchOptions,
+) -> Steady:
+    rate = options.pick(SPREAD_RATE, QUICK_SPREAD_RATE)
+    least = QUICK_MIN_SPREAD_PERIOD_S if options.quick else MIN_SPREAD_PERIOD_S
+    plan = steady_plan(devices, max(least, len(devices) / rate))
+    steady = Steady(plan.period_s, 2 * plan.period_s, len(plan.silent_at))
+    await service.project([contracts.TypeDefined(device_type, steady.timeout_s)])
+    started = platform.clock.now()
+    label = f"{len(devices):,} devices: steady fleet, {len(plan.silent_at):,} going silent"
+
+    async def silent_ones_offline() -> bool:
+        offline = await _count(platform, device_type, DeviceState.OFFLINE)
+        return offline >= len(plan.silent_at)
+
+    with options.step(label, math.ceil(plan.end_s)) as step:
+        steady.reports = await _report_steadily(
+            platform.clock, batcher, plan, step.advance, silent_ones_offline
+        )
+    ended = platform.clock.now()  # from here on, nobody reports: later offlines do not count
+    await _wait_published(platform, started, options)
+    changes = [row for row in await _status_changes(platform, started) if row[0] <= ended]
+    steady.offline = offline_outcome(changes, set(plan.silent_at))
+    still_reporting = set(devices) - set(plan.silent_at)
+    steady.false_offline = len(offline_outcome(changes, still_reporting).committed)
+    return steady
+
+
+async def _report_steadily(
+    clock: Clock,
+    batcher: ReportBatcher,
+    plan: SteadyPlan,
+    on_second: Callable[[int], None],
+    finished: Callable[[], Awaitable[bool]],
+) -> int:
+    """Send the plan's reports as their times come, with the consumer's flow control,
+    until the plan's end and then until `finished()` (at most `STEADY_PATIENCE_S` more)."""
+    unsettled: dict[asyncio.Future[FlushResult], int] = {}
+    began = time.monotonic()
+    sent, elapsed, seconds = 0, -1.0, 0
+    while True:
+        now = time.monotonic() - began
+        for device_ids in _batches(plan.due(elapsed, now), CHUNK):
+            while unsettled and sum(unsettled.values()) + len(device_ids) > MAX_UNSETTLED:
+                done, _ = await asyncio.wait(unsettled, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    unsettled.pop(future)
+            future = _submit(batcher, device_ids, clock, _STEADY_OFFSET + sent)
+            unsettled[future] = unsettled.get(future, 0) + len(device_ids)
+            sent += len(device_ids)
+        elapsed = now
+        if int(elapsed) > seconds:
+            on_second(int(elapsed) - seconds)
+            seconds = int(elapsed)
+            if elapsed >= plan.end_s + STEADY_PATIENCE_S:
+                break
+            if elapsed >= plan.end_s and await finished():
+                break
+        await asyncio.sleep(SPREAD_TICK_S)
+    _check_stored(list(await asyncio.gather(*unsettled)))
+    return sent
+
+
+def _batches(items: list[str], size: int) -> list[list[str]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+_STEADY_OFFSET = 1_000_000_000
+"""Consumer offsets of the steady fleet's reports: after the first feed's."""
 
 
 def _check_stored(results: list[FlushResult]) -> None:

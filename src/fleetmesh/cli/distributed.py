@@ -3,6 +3,8 @@
 Three `nats-server` processes with routes (streams and KV with three
 replicas), then every context as separate OS processes (`--replicas` each),
 registered with the registry, and the gateway in front; all on loopback.
+A process that exits (a crash, a kill, a NATS node stopped from outside) is
+started again on the same port, during the start as later.
 Ctrl-C or SIGTERM stops them all, children first, NATS last.
 """
 
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,12 @@ from fleetmesh.bootstrap import CONTEXTS
 from fleetmesh.core.auth import ApiKeyStore, Role
 from fleetmesh.core.database import Database
 from fleetmesh.core.nats_cluster import NatsCluster
-from fleetmesh.core.nats_server import SERVICE_USER, NatsSecrets, die_with_parent
+from fleetmesh.core.nats_server import (
+    SERVICE_USER,
+    NatsSecrets,
+    NatsServerError,
+    die_with_parent,
+)
 from fleetmesh.core.ports import choose_port, free_port
 from fleetmesh.core.settings import DEFAULT_HTTP_PORT, Settings
 
@@ -34,6 +42,7 @@ console = Console(stderr=True, width=140)
 FLEETMESH = str(Path(sys.executable).with_name("fleetmesh"))
 REGISTRY = "registry"
 SERVICE_KEY_FILE = "service.key"
+START_ATTEMPTS = 3
 
 
 @dataclass
@@ -64,16 +73,16 @@ async def _run(settings: Settings, replicas: int) -> int:
         env["FLEETMESH_REGISTRY"] = ",".join(f"http://{settings.host}:{p}" for p in registry_ports)
         for port in registry_ports:
             children.append(_spawn(REGISTRY, port, settings.host, env))
-        await _wait_ready(list(children), timeout=60)
+        await _wait_ready(children, env, timeout=60)
         for context in CONTEXTS:
             if context == REGISTRY:
                 continue
             for _ in range(replicas):
                 children.append(_spawn(context, free_port(settings.host), settings.host, env))
         children.append(_spawn("gateway", http_port, settings.host, env))
-        await _wait_ready(children, timeout=90)
+        await _wait_ready(children, env, timeout=90)
         _banner(settings, cluster, children, admin_path)
-        return await _supervise(children, settings.host, env)
+        return await _supervise(children, cluster, env)
     finally:
         await _stop_children(children)
         await cluster.stop()
@@ -144,21 +153,52 @@ def _spawn(name: str, port: int, host: str, env: dict[str, str]) -> Child:
     return Child(name, f"http://{host}:{port}", process)
 
 
-async def _wait_ready(children: list[Child], *, timeout: float) -> None:
+def _respawn(child: Child, env: dict[str, str]) -> Child:
+    host, port = child.url.removeprefix("http://").rsplit(":", 1)
+    return _spawn(child.name, int(port), host, env)
+
+
+async def _wait_ready(children: list[Child], env: dict[str, str], *, timeout: float) -> None:
+    """Until every child answers its health check; one that exits is started again.
+
+    On a busy machine a service can fail its start (a JetStream request timing out while
+    the cluster is still settling); a few attempts are normal, a crash loop is not.
+    """
     deadline = time.monotonic() + timeout
-    pending = list(children)
+    ready: set[str] = set()
+    starts: Counter[str] = Counter()
     async with httpx.AsyncClient(timeout=1) as client:
-        while pending and time.monotonic() < deadline:
-            for child in list(pending):
+        while time.monotonic() < deadline:
+            for index, child in enumerate(children):
+                if child.url in ready:
+                    continue
                 if child.process.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited with {child.process.returncode}")
-                with contextlib.suppress(httpx.HTTPError):
-                    path = "/healthz" if child.name == "gateway" else "/readyz"
-                    if (await client.get(child.url + path)).status_code == 200:
-                        pending.remove(child)
+                    children[index] = _start_again(child, starts, env)
+                elif await _answers(client, child):
+                    ready.add(child.url)
+            if len(ready) == len(children):
+                return
             await asyncio.sleep(0.2)
-    if pending:
-        raise RuntimeError(f"not ready in {timeout}s: {[c.name for c in pending]}")
+    pending = [c.name for c in children if c.url not in ready]
+    raise RuntimeError(f"not ready in {timeout}s: {pending}")
+
+
+def _start_again(child: Child, starts: Counter[str], env: dict[str, str]) -> Child:
+    starts[child.url] += 1
+    if starts[child.url] >= START_ATTEMPTS:
+        raise RuntimeError(
+            f"{child.name} on {child.url} exited {starts[child.url]} times while starting "
+            f"(last code {child.process.returncode}); see its log"
+        )
+    console.print(f"[yellow]{child.name} on {child.url} exited; starting again[/yellow]")
+    return _respawn(child, env)
+
+
+async def _answers(client: httpx.AsyncClient, child: Child) -> bool:
+    try:
+        return (await client.get(child.url + "/readyz")).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _banner(settings: Settings, cluster: NatsCluster, children: list[Child], admin: Path) -> None:
@@ -181,8 +221,8 @@ def _banner(settings: Settings, cluster: NatsCluster, children: list[Child], adm
     console.print("Ctrl-C stops everything.")
 
 
-async def _supervise(children: list[Child], host: str, env: dict[str, str]) -> int:
-    """Until Ctrl-C or SIGTERM: restart any service process that died."""
+async def _supervise(children: list[Child], cluster: NatsCluster, env: dict[str, str]) -> int:
+    """Until Ctrl-C or SIGTERM: start again any service process or NATS node that died."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -190,12 +230,23 @@ async def _supervise(children: list[Child], host: str, env: dict[str, str]) -> i
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
+        if stop.is_set():
+            break
+        await _restart_nats_nodes(cluster)
         for index, child in enumerate(children):
-            if child.process.poll() is not None and not stop.is_set():
-                port = int(child.url.rsplit(":", 1)[1])
+            if child.process.poll() is not None:
                 console.print(f"[yellow]{child.name} on {child.url} died; restarting[/yellow]")
-                children[index] = _spawn(child.name, port, host, env)
+                children[index] = _respawn(child, env)
     return 0
+
+
+async def _restart_nats_nodes(cluster: NatsCluster) -> None:
+    for index in cluster.down_nodes():
+        console.print(f"[yellow]nats-server {index} died; restarting[/yellow]")
+        try:
+            await cluster.start_node(index)
+        except NatsServerError as error:  # tried again on the next round
+            console.print(f"[red]nats-server {index} did not start again: {error}[/red]")
 
 
 async def _stop_children(children: list[Child]) -> None:

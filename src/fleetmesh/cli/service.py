@@ -18,7 +18,6 @@ from fleetmesh.bootstrap import CONTEXTS, Platform, bootstrap
 from fleetmesh.cli.options import DEFAULT_DATA_DIR, DatabaseUrl, DataDir
 from fleetmesh.cli.up import QuietExitServer
 from fleetmesh.core.failover import FailoverTransport
-from fleetmesh.core.ids import new_id
 from fleetmesh.core.logging import configure_logging, get_logger
 from fleetmesh.core.ports import free_port
 from fleetmesh.core.settings import Settings
@@ -110,7 +109,9 @@ def registry_client(settings: Settings) -> RegistryClient:
 
 def _serve_context(settings: Settings, context: str, port: int) -> None:
     platform = bootstrap(settings, contexts=[context])
-    instance_id = f"{context}-{new_id().lower()[-10:]}"
+    # One id per endpoint: a process restarted on its port replaces its old registration
+    # instead of leaving it behind, passing the health checks the new process answers.
+    instance_id = f"{context}-{settings.host}-{port}"
     holder: dict[str, Any] = {}
 
     async def register(started: Platform) -> None:

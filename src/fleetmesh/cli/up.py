@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType
@@ -149,11 +151,20 @@ class QuietExitServer(uvicorn.Server):
     uvicorn re-raises the signal once it has shut down, which would turn a
     clean stop into death by signal; fleetmesh has finished its own shutdown by
     then (the platform stops in the app's lifespan), so the signal is consumed.
+    Once started, the heap built by the start is frozen out of garbage collection.
     """
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # What the start built lives as long as the process. Frozen, it is left
+        # out of the collector's full passes, each of which otherwise paused
+        # the event loop for ~100 ms (the p99 of every request and delivery).
+        gc.collect()
+        gc.freeze()
 
 
 def print_banner(platform: Platform) -> None:

@@ -2,6 +2,9 @@
 
 Streams and KV buckets are created idempotently: a context declares what it
 needs and `ensure_stream` creates it or updates it to the declared config.
+In a cluster these requests go through the meta leader and, for three
+replicas, wait for the new stream's own election: on a busy machine, or while
+a node restarts, they can time out. They are retried for up to a minute.
 """
 
 from __future__ import annotations
@@ -13,11 +16,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from fleetmesh.core.logging import get_logger
 
@@ -25,6 +36,24 @@ log = get_logger(__name__)
 
 EVENTS_STREAM = "EVENTS"
 MSG_ID_HEADER = "Nats-Msg-Id"
+SETTLE_TIMEOUT_S = 60.0
+_NOT_SETTLED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
+
+
+def _while_settling(what: str) -> AsyncRetrying:
+    """Retries of a JetStream API request that timed out or found JetStream unavailable."""
+
+    def note(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("jetstream_request_retried", what=what, error=repr(error))
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(_NOT_SETTLED),
+        stop=stop_after_delay(SETTLE_TIMEOUT_S),
+        wait=wait_exponential(multiplier=0.2, max=2.0),
+        before_sleep=note,
+        reraise=True,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +131,9 @@ class Backbone:
             config.storage = StorageType.FILE
         if config.num_replicas is None:
             config.num_replicas = self.endpoint.replicas
+        await _while_settling(f"stream {config.name}")(self._ensure_stream_once, config)
+
+    async def _ensure_stream_once(self, config: StreamConfig) -> None:
         try:
             await self.js.stream_info(str(config.name))
         except NotFoundError:
@@ -112,6 +144,12 @@ class Backbone:
 
     async def ensure_kv(self, bucket: str, **options: Any) -> KeyValue:
         """Open a KV bucket, creating it on first use."""
+        kv: KeyValue = await _while_settling(f"bucket {bucket}")(
+            self._ensure_kv_once, bucket, **options
+        )
+        return kv
+
+    async def _ensure_kv_once(self, bucket: str, **options: Any) -> KeyValue:
         try:
             return await self.js.key_value(bucket)
         except (NotFoundError, nats.js.errors.BucketNotFoundError):

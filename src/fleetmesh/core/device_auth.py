@@ -5,6 +5,9 @@ The devices context owns credentials and answers `rpc.devices.verify`
 (telemetry, status, a gateway) can authenticate a device without holding its
 hash. Positive answers are cached for a short time; rotation or deregistration
 takes effect within that time in other processes, at once in the devices one.
+When the question cannot be answered (no devices instance within the timeout,
+a NATS reconnect, the devices database failing) the request gets 503 with
+Retry-After, not 401: the credentials may well be valid.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 import msgspec
 
 from fleetmesh.core.backbone import Backbone
+from fleetmesh.core.errors import Unavailable
 from fleetmesh.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -31,6 +35,8 @@ class VerifyRequest(msgspec.Struct):
 
 class VerifyReply(msgspec.Struct):
     ok: bool
+    unavailable: bool = False
+    """The devices service could not check (its database failed): neither yes nor no."""
 
 
 class NatsDeviceVerifier:
@@ -49,10 +55,13 @@ class NatsDeviceVerifier:
         payload = msgspec.json.encode(VerifyRequest(device_id, secret))
         try:
             reply = await self.backbone.nc.request(VERIFY_SUBJECT, payload, timeout=self.timeout)
-            ok = msgspec.json.decode(reply.data, type=VerifyReply).ok
+            answer = msgspec.json.decode(reply.data, type=VerifyReply)
         except Exception as error:
             log.warning("device_verify_unavailable", error=repr(error))
-            return False
+            raise Unavailable("Device credentials cannot be checked right now; retry.") from None
+        if answer.unavailable:
+            raise Unavailable("Device credentials cannot be checked right now; retry.")
+        ok = answer.ok
         if ok:
             if len(self._ok) > 100_000:
                 self._ok.clear()

@@ -110,11 +110,18 @@ class PayloadTooLarge(FleetmeshError):
     title = "Payload too large"
 
 
-class Overloaded(FleetmeshError):
+class Unavailable(FleetmeshError):
+    """Something the request needs cannot be reached now: 503 with Retry-After."""
+
     status = 503
-    problem = "overloaded"
-    title = "Service overloaded"
+    problem = "unavailable"
+    title = "Service unavailable"
 
     def __init__(self, detail: str, *, retry_after_s: int = 1) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
+
+
+class Overloaded(Unavailable):
+    problem = "overloaded"
+    title = "Service overloaded"

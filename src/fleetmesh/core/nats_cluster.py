@@ -73,6 +73,10 @@ class NatsCluster:
     async def stop(self) -> None:
         await asyncio.gather(*(node.stop() for node in self.nodes))
 
+    def down_nodes(self) -> list[int]:
+        """Indexes of the nodes whose process is not running (exited, killed, failed to start)."""
+        return [index for index, node in enumerate(self.nodes) if not node.running]
+
     async def stop_node(self, index: int) -> None:
         await self.nodes[index].stop()
 

@@ -163,6 +163,10 @@ class EmbeddedNatsServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def _write_config(self) -> Path:
         nats_dir = self.data_dir / "nats"
         nats_dir.mkdir(parents=True, exist_ok=True)

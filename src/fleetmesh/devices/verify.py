@@ -42,10 +42,10 @@ class VerifyResponder:
     async def _answer(self, message: Any) -> None:
         try:
             request = msgspec.json.decode(message.data, type=VerifyRequest)
-            ok = await self.queries.verify_device(request.device_id, request.secret)
-        except msgspec.ValidationError:
-            ok = False
+            reply = VerifyReply(await self.queries.verify_device(request.device_id, request.secret))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            reply = VerifyReply(False)
         except Exception as error:
             log.warning("device_verify_failed", error=repr(error))
-            ok = False
-        await message.respond(msgspec.json.encode(VerifyReply(ok)))
+            reply = VerifyReply(False, unavailable=True)
+        await message.respond(msgspec.json.encode(reply))

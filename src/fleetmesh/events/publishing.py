@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from nats.js.api import PubAck
 
-from fleetmesh.core.backbone import Backbone
+from fleetmesh.core.backbone import MSG_ID_HEADER, Backbone
 from fleetmesh.core.envelope import subject_for_type
 from fleetmesh.core.errors import FieldError
 from fleetmesh.events.cloudevents import (
@@ -49,6 +50,8 @@ from fleetmesh.events.supervisor import Supervisor
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 MAX_BATCH = 1000
+STORE_TIMEOUT_S = 10.0
+"""How long a publish waits for JetStream to store the event."""
 MAX_ATTRIBUTE = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -157,7 +160,6 @@ class EventPublisher:
 
     async def publish(self, event: CloudEvent, *, outcomes_to: str | None = None) -> Published:
         """Store the event in the EVENTS stream; returns once JetStream has it."""
-        match = self.supervisor.match(event)
         headers = {OUTCOME_HEADER: outcomes_to} if outcomes_to else None
         ack = await self.backbone.publish(
             subject_for_type(event.type),
@@ -165,6 +167,29 @@ class EventPublisher:
             msg_id=event.id,
             headers=headers,
         )
+        return self._published(event, ack)
+
+    async def publish_many(self, events: list[CloudEvent]) -> list[Published]:
+        """Store a batch: every event is sent at once, then every stream ack is awaited.
+
+        One request per event would cost a timer and a wait each; the
+        asynchronous publishes share one deadline.
+        """
+        js = self.backbone.js
+        pending = [
+            await js.publish_async(
+                subject_for_type(event.type),
+                msgspec.json.encode(to_structured(event)),
+                headers={MSG_ID_HEADER: event.id},
+            )
+            for event in events
+        ]
+        async with asyncio.timeout(STORE_TIMEOUT_S):
+            acks = await asyncio.gather(*pending)
+        return [self._published(event, ack) for event, ack in zip(events, acks, strict=True)]
+
+    def _published(self, event: CloudEvent, ack: PubAck) -> Published:
+        match = self.supervisor.match(event)
         return Published(
             event=event,
             sequence=int(ack.seq),
@@ -173,9 +198,6 @@ class EventPublisher:
             filtered=[s.id for s in match.filtered],
             paused=[s.id for s in match.matched if not s.is_active],
         )
-
-    async def publish_many(self, events: list[CloudEvent]) -> list[Published]:
-        return list(await asyncio.gather(*(self.publish(event) for event in events)))
 
     async def publish_and_wait(self, event: CloudEvent, *, timeout: float) -> Waited:
         """Store the event, then wait for its outcome at every matching subscription."""

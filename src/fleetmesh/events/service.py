@@ -206,10 +206,12 @@ async def register_contract(
                 incompatibilities=[str(item) for item in found],
             )
         record = ContractRecord(contract, builtin, clock.now())
-        await uow.contracts.add(record)
-        if not builtin:  # built-in contracts come with the code, at every start
-            uow.emit(contracts.contract_registered(contract, builtin=False))
         try:
+            # PostgreSQL refuses the insert itself when another transaction committed the
+            # same version first; otherwise the commit does.
+            await uow.contracts.add(record)
+            if not builtin:  # built-in contracts come with the code, at every start
+                uow.emit(contracts.contract_registered(contract, builtin=False))
             await uow.commit()
         except IntegrityError:
             raise Conflict(

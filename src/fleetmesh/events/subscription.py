@@ -136,15 +136,15 @@ class DeliveryOptions:
 
     @property
     def capacity(self) -> int:
-        """Messages a worker holds at once.
+        """Messages a worker holds on their way to the endpoint (queued or being sent).
 
-        Unordered: four times what the requests in flight carry, so that the
-        events waiting for their outcome to be written (and acked) do not keep
-        the next ones from being sent.
+        Unordered: twice what the requests in flight carry, so the next
+        requests are ready when one ends. Events whose outcome waits to be
+        written are not counted (the worker bounds those on its own).
         """
         if self.ordered:
             return self.batch_size
-        return self.max_in_flight * self.batch_size * 4
+        return self.max_in_flight * self.batch_size * 2
 
 
 @dataclass

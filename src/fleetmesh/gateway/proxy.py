@@ -2,14 +2,17 @@
 
 A request whose connection attempt fails is retried on the next instance (it
 never reached a service); a request that failed after it was sent is retried
-only when its method is idempotent. With no healthy instance left the answer
-is 503 with `Retry-After`, as problem+json.
+only when it is idempotent: by its method, or because it carries an
+`Idempotency-Key`. With no healthy instance left the answer is 503 with
+`Retry-After`, as problem+json; so is a path no known route matches while the
+routes of some service are not known yet (a gateway that just started), since
+only a complete table can say 404.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import httpx
@@ -56,6 +59,10 @@ def _problem(status: int, title: str, detail: str, *, retry_after: int | None = 
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+def _may_repeat(request: Request) -> bool:
+    return request.method in IDEMPOTENT or "idempotency-key" in request.headers
+
+
 class Forwarder:
     """Forwards one request along the candidates of its owning service."""
 
@@ -66,18 +73,18 @@ class Forwarder:
         *,
         client: httpx.AsyncClient | None = None,
         on_forward: Callable[[str, str, int], None] | None = None,
+        services: Sequence[str] = (),
     ) -> None:
         self.routes = routes
         self.picker = picker
+        self.services = list(services)
         self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0))
         self.on_forward = on_forward
 
     async def __call__(self, request: Request) -> Response:
         service = self.routes.owner(request.method, request.url.path)
         if service is None:
-            return _problem(
-                404, "Not found", f"No service serves {request.method} {request.url.path}."
-            )
+            return self._no_route(request)
         device = _DEVICE_IN_PATH.search(request.url.path)
         candidates = self.picker.candidates(service, key=device.group(1) if device else None)
         if not candidates:
@@ -101,7 +108,7 @@ class Forwarder:
                 continue
             except httpx.TransportError as error:
                 last_error = repr(error)
-                if request.method in IDEMPOTENT:
+                if _may_repeat(request):
                     continue
                 return _problem(502, "Bad gateway", f"{service} failed mid-request: {error!r}")
             if self.on_forward is not None:
@@ -117,3 +124,19 @@ class Forwarder:
             f"Every instance of {service} failed: {last_error}",
             retry_after=1,
         )
+
+    def missing_services(self) -> list[str]:
+        """The services whose routes are not known yet."""
+        known = set(self.routes.services)
+        return [service for service in self.services if service not in known]
+
+    def _no_route(self, request: Request) -> Response:
+        missing = self.missing_services()
+        if missing:
+            return _problem(
+                503,
+                "Service unavailable",
+                f"The routes of {', '.join(missing)} are not known yet.",
+                retry_after=1,
+            )
+        return _problem(404, "Not found", f"No service serves {request.method} {request.url.path}.")

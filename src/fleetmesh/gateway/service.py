@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from fleetmesh import __version__
 from fleetmesh.core.logging import get_logger
@@ -67,7 +67,7 @@ class RouteRefresher:
 def create_gateway_app(picker: InstancePicker, services: list[str], *, lifecycle: Any) -> FastAPI:
     """`lifecycle` starts/stops the picker's discovery (an async context manager factory)."""
     routes = RouteTable()
-    forwarder = Forwarder(routes, picker)
+    forwarder = Forwarder(routes, picker, services=services)
     refresher = RouteRefresher(routes, picker, services)
 
     @asynccontextmanager
@@ -85,6 +85,13 @@ def create_gateway_app(picker: InstancePicker, services: list[str], *, lifecycle
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "routes_from": routes.services}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        """200 once the routes of every service are known (until then, requests may get 503)."""
+        missing = forwarder.missing_services()
+        body = {"status": "not ready" if missing else "ready", "routes_missing": missing}
+        return JSONResponse(body, status_code=503 if missing else 200)
 
     mount_console(app)
 

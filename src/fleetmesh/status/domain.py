@@ -93,6 +93,8 @@ class InvalidStatusInput(InvalidInput):
 
 def _parse(kind: type[_E], value: str) -> _E:
     """Accept the enum or its plain string value (as read back from storage)."""
+    if isinstance(value, kind):
+        return value  # the common case, and far cheaper than `kind(value)`
     try:
         return kind(value)
     except ValueError:

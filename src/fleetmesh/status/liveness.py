@@ -8,8 +8,13 @@ a device's telemetry collapses to its earliest and latest report, so a device
 sending 100 points/s costs about 10 row writes per second, and 10,000 devices
 cost about 10 transactions per second, not 10,000. Each window returns one
 future; consumers acknowledge their messages when it resolves, so nothing is
-acknowledged before it is stored. A window that fails is retried as a whole
-(in order), then device by device, so one bad device cannot block the rest.
+acknowledged before it is stored. A transaction holds at most
+`MAX_WINDOW_DEVICES` devices, oldest input first: when thousands of deadlines
+fall due at once, the first transitions commit within a fraction of a second
+instead of waiting for one huge transaction (a window's future then resolves
+with the transaction that stores its last device, and the consumer offset is
+stored only there). A transaction that fails is retried as a whole (in order),
+then device by device, so one bad device cannot block the rest.
 
 Deadlines. `Timers` mirrors, after each commit, each device's offline deadline
 (`max(since, last_seen) + timeout`, only while online) and its next health
@@ -25,7 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from fleetmesh.core.clock import Clock
@@ -40,7 +48,9 @@ from fleetmesh.status.tasks import stop_task, wait_event
 log = get_logger(__name__)
 
 WINDOW_S = 0.1
-MAX_WINDOW_DEVICES = 5_000
+MAX_WINDOW_DEVICES = 2_000
+"""At most this many devices per transaction: when many deadlines are due at once, the
+first ones commit early instead of waiting for one huge transaction."""
 MAX_IDLE_SLEEP_S = 5.0
 WHOLE_WINDOW_ATTEMPTS = 4
 DUE_BATCH = 2_000
@@ -91,16 +101,49 @@ class Timers:
         await wait_event(self._wake, delay)
 
 
-class ReportBatcher:
-    """Collects automatic reports per device and writes each window in one transaction."""
+@dataclass(eq=False)
+class _Window:
+    """The devices that joined pending input while one future was handed out.
 
-    def __init__(self, service: StatusService, *, window_s: float = WINDOW_S) -> None:
+    Pending input is written front to back, so the window is stored once as many
+    devices as joined it (and all of its predecessors) have been written."""
+
+    future: asyncio.Future[FlushResult]
+    unwritten: int = 0
+    offset: tuple[str, int] | None = None
+    closed: bool = False
+    unknown: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    changes: int = 0
+
+    def add_result(self, result: FlushResult) -> None:
+        self.unknown |= result.unknown
+        self.failed |= result.failed
+        self.changes += result.changes
+
+    def resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(
+                FlushResult(frozenset(self.unknown), frozenset(self.failed), self.changes)
+            )
+
+
+class ReportBatcher:
+    """Collects automatic reports per device and writes them in transactions of at
+    most `max_window_devices` devices, oldest input first."""
+
+    def __init__(
+        self,
+        service: StatusService,
+        *,
+        window_s: float = WINDOW_S,
+        max_window_devices: int = MAX_WINDOW_DEVICES,
+    ) -> None:
         self.service = service
         self.window_s = window_s
+        self.max_window_devices = max_window_devices
         self._pending: dict[str, DeviceInput] = {}
-        self._future: asyncio.Future[FlushResult] | None = None
-        self._waiting: list[asyncio.Future[FlushResult]] = []
-        self._offset: tuple[str, int] | None = None
+        self._windows: deque[_Window] = deque()
         self._has_pending = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -113,9 +156,11 @@ class ReportBatcher:
         """Stop, writing what is still pending (best effort; unacked input is redelivered)."""
         task, self._task = self._task, None
         await stop_task(task)
-        if self._pending:
-            with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):
+            while self._pending:
                 await self._write_window()
+        while self._windows:  # not stored: left unacknowledged, so it is redelivered
+            self._windows.popleft().future.cancel()
 
     def submit(
         self,
@@ -127,10 +172,12 @@ class ReportBatcher:
         answer: tuple[str, datetime] | None = None,
         offset: tuple[str, int] | None = None,
     ) -> asyncio.Future[FlushResult]:
-        """Queue input for the device; the future resolves when its window is stored."""
+        """Queue input for the device; the future resolves when its input is stored."""
+        window = self._open_window()
         item = self._pending.get(device_id)
         if item is None:
             item = self._pending[device_id] = DeviceInput()
+            window.unwritten += 1
         if report is not None:
             item.add(report)
         if mqtt_connected is not None:
@@ -139,14 +186,17 @@ class ReportBatcher:
             item.add_quality(*quality)
         if answer is not None:
             item.answers.append(answer)
-        if offset is not None and (self._offset is None or offset[1] > self._offset[1]):
-            self._offset = offset
-        if self._future is None:
-            self._future = asyncio.get_running_loop().create_future()
+        if offset is not None and (window.offset is None or offset[1] > window.offset[1]):
+            window.offset = offset
         self._has_pending.set()
-        if len(self._pending) >= MAX_WINDOW_DEVICES:
+        if len(self._pending) >= self.max_window_devices:
             self._full.set()
-        return self._future
+        return window.future
+
+    def _open_window(self) -> _Window:
+        if not self._windows or self._windows[-1].closed:
+            self._windows.append(_Window(asyncio.get_running_loop().create_future()))
+        return self._windows[-1]
 
     async def _run(self) -> None:
         while True:
@@ -155,28 +205,64 @@ class ReportBatcher:
             await self._write_window()
 
     async def _write_window(self) -> None:
-        pending, self._pending = self._pending, {}
-        future, self._future = self._future, None
-        offset, self._offset = self._offset, None
-        self._has_pending.clear()
-        self._full.clear()
-        if not pending:
+        chunk = self._take_chunk()
+        if not chunk:
             return
+        completed = self._windows_completed_by(len(chunk))
+        offset = _highest_offset(completed)
         try:
-            result = await self._write(pending, offset)
+            result = await self._write(chunk, offset)
         except asyncio.CancelledError:
-            # Stopping mid-window: put it back so `stop` can write it (once more: the
-            # aggregate ignores what it already applied).
-            for device_id, item in pending.items():
-                self._pending.setdefault(device_id, item)
-            if future is not None:
-                self._waiting.append(future)
+            self._put_back(chunk)  # stopping mid-write: `stop` writes it (once more)
             raise
         self.windows_written += 1
-        for waiting in [future, *self._waiting]:
-            if waiting is not None and not waiting.done():
-                waiting.set_result(result)
-        self._waiting.clear()
+        self._settle(len(chunk), result)
+
+    def _take_chunk(self) -> dict[str, DeviceInput]:
+        """Cut the window: the oldest pending devices, at most `max_window_devices`."""
+        if self._windows:
+            self._windows[-1].closed = True  # later input gets the next future
+        device_ids = list(itertools.islice(self._pending, self.max_window_devices))
+        chunk = {device_id: self._pending.pop(device_id) for device_id in device_ids}
+        self._full.clear()
+        if self._pending:
+            self._full.set()  # the rest has waited long enough: write it right away
+        else:
+            self._has_pending.clear()
+        return chunk
+
+    def _windows_completed_by(self, written: int) -> list[_Window]:
+        completed: list[_Window] = []
+        for window in self._windows:
+            if window.unwritten > written:
+                break
+            written -= window.unwritten
+            completed.append(window)
+        return completed
+
+    def _settle(self, written: int, result: FlushResult) -> None:
+        """Count the chunk against the oldest windows and resolve those now stored.
+
+        A window that outlives the chunk also takes its result: a device of it may
+        have been written early, because it was already pending from an older one."""
+        for window in self._windows:
+            window.add_result(result)
+        while self._windows and self._windows[0].closed:
+            window = self._windows[0]
+            taken = min(window.unwritten, written)
+            window.unwritten -= taken
+            written -= taken
+            if window.unwritten:
+                break
+            self._windows.popleft().resolve()
+
+    def _put_back(self, chunk: dict[str, DeviceInput]) -> None:
+        newer, self._pending = self._pending, chunk
+        for device_id, item in newer.items():
+            if device_id in self._pending:
+                self._pending[device_id].merge(item)
+            else:
+                self._pending[device_id] = item
 
     async def _write(
         self, pending: dict[str, DeviceInput], offset: tuple[str, int] | None
@@ -210,6 +296,12 @@ class ReportBatcher:
             unknown |= result.unknown
             changes += result.changes
         return FlushResult(frozenset(unknown), frozenset(failed), changes)
+
+
+def _highest_offset(windows: list[_Window]) -> tuple[str, int] | None:
+    """The consumer offset a chunk may store: all input up to it is then stored."""
+    offsets = [w.offset for w in windows if w.offset is not None]
+    return max(offsets, key=lambda offset: offset[1]) if offsets else None
 
 
 Publisher = Callable[[str, bytes], Awaitable[None]]

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -130,6 +130,8 @@ REGISTRATION_CAUSE = "registered"
 
 PENDING, ANSWERED, FAILED = "pending", "answered", "failed"
 _CHUNK = 500
+_LOAD_CHUNK = 2_000
+"""Ids per locked read: a whole window of the liveness engine in one round trip."""
 
 
 class ConcurrentUpdate(RuntimeError):
@@ -154,6 +156,8 @@ class TrackedDevice:
     stored_version: int = 0
     extra_changed: bool = False
     """A column outside the aggregate changed (flag, schedule, quality, type)."""
+    stored_row: dict[str, Any] | None = field(default=None, repr=False)
+    """The row as last read or written, so a save writes only the columns that moved."""
 
     @property
     def device_id(self) -> str:
@@ -223,7 +227,7 @@ class SqlStatusRepository:
     ) -> dict[str, TrackedDevice]:
         """The tracked devices among these ids, locked for update on PostgreSQL."""
         found: dict[str, TrackedDevice] = {}
-        for chunk in _chunks(sorted(set(device_ids))):
+        for chunk in _chunks(sorted(set(device_ids)), _LOAD_CHUNK):
             statement = (
                 select(*_TRACKED_COLUMNS)
                 .select_from(_JOINED)
@@ -259,39 +263,45 @@ class SqlStatusRepository:
         )
         for tracked in new_devices:
             tracked.stored_version = tracked.status.version
+            tracked.stored_row = _device_row(tracked)
             tracked.extra_changed = False
 
     async def save_many(self, devices: Sequence[TrackedDevice]) -> None:
-        """Write the changed devices, each only if its version is the one loaded."""
+        """Write the changed columns of the changed devices, each only if its version is
+        the one loaded. Devices that changed the same columns share one executemany, and
+        a row that only moved `last_seen` leaves the status indexes alone."""
         changed = [d for d in devices if d.changed]
         if not changed:
             return
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        rows: list[dict[str, Any]] = []
         for tracked in changed:
             if tracked.status.version == tracked.stored_version:
                 tracked.status.version += 1  # every write moves the version
-        params = []
-        for tracked in changed:
             row = _device_row(tracked)
-            row["b_device_id"] = row.pop("device_id")
-            row["b_version"] = tracked.stored_version
-            for fixed in ("registered_at",):
-                row.pop(fixed)
-            params.append(row)
-        columns: dict[str, Any] = {
-            name: bindparam(name) for name in params[0] if not name.startswith("b_")
-        }
-        statement = (
-            update(status_devices)
-            .where(status_devices.c.device_id == bindparam("b_device_id"))
-            .where(status_devices.c.version == bindparam("b_version"))
-            .values(**columns)
-        )
-        result = await self.session.execute(statement, params)
-        rowcount = getattr(result, "rowcount", -1)
-        if rowcount is not None and rowcount >= 0 and rowcount != len(params):
-            raise ConcurrentUpdate(f"{len(params) - rowcount} status rows changed concurrently")
-        for tracked in changed:
+            columns = _changed_columns(row, tracked.stored_row)
+            params = {name: row[name] for name in columns}
+            params["b_device_id"] = tracked.device_id
+            params["b_version"] = tracked.stored_version
+            groups.setdefault(columns, []).append(params)
+            rows.append(row)
+        written: int | None = 0
+        for columns, batch in groups.items():
+            statement = (
+                update(status_devices)
+                .where(status_devices.c.device_id == bindparam("b_device_id"))
+                .where(status_devices.c.version == bindparam("b_version"))
+                .values({name: bindparam(name) for name in columns})
+            )
+            rowcount = getattr(await self.session.execute(statement, batch), "rowcount", -1)
+            written = (
+                None if written is None or rowcount is None or rowcount < 0 else written + rowcount
+            )
+        if written is not None and written != len(changed):
+            raise ConcurrentUpdate(f"{len(changed) - written} status rows changed concurrently")
+        for tracked, row in zip(changed, rows, strict=True):
             tracked.stored_version = tracked.status.version
+            tracked.stored_row = row
             tracked.extra_changed = False
 
     async def add_history(self, changes: Sequence[StatusChanged]) -> None:
@@ -652,7 +662,7 @@ def tracked_from_row(row: Any, default_timeout_s: float) -> TrackedDevice:
         sequence=row.sequence,
         version=row.version,
     )
-    return TrackedDevice(
+    tracked = TrackedDevice(
         status=status,
         type_name=row.type_name,
         cause=row.cause,
@@ -666,6 +676,8 @@ def tracked_from_row(row: Any, default_timeout_s: float) -> TrackedDevice:
         quality_recent=row.quality_recent,
         stored_version=int(row.version),
     )
+    tracked.stored_row = _device_row(tracked)
+    return tracked
 
 
 def _device_row(tracked: TrackedDevice) -> dict[str, Any]:
@@ -689,5 +701,16 @@ def _device_row(tracked: TrackedDevice) -> dict[str, Any]:
     }
 
 
-def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
-    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+_FIXED_COLUMNS = frozenset({"device_id", "registered_at"})
+_UPDATABLE_COLUMNS = tuple(c.name for c in status_devices.c if c.name not in _FIXED_COLUMNS)
+
+
+def _changed_columns(row: dict[str, Any], stored: dict[str, Any] | None) -> tuple[str, ...]:
+    """The columns of `row` that differ from the stored row (all when it is unknown)."""
+    if stored is None:
+        return _UPDATABLE_COLUMNS
+    return tuple([name for name in _UPDATABLE_COLUMNS if row[name] != stored[name]])
+
+
+def _chunks(items: Sequence[str], size: int = _CHUNK) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -111,6 +112,20 @@ class DeviceInput:
         entry = self.quality.setdefault(bucket, [0, 0.0])
         entry[0] += points
         entry[1] += points * mean
+
+    def merge(self, newer: DeviceInput) -> None:
+        """Take in input that arrived later for the same device."""
+        self.reports += newer.reports
+        for telemetry in (newer.first_telemetry, newer.last_telemetry):
+            if telemetry is not None:
+                self.add(telemetry)
+        if newer.mqtt_connected is not None:
+            self.mqtt_connected = newer.mqtt_connected
+        for bucket, (points, total) in newer.quality.items():
+            entry = self.quality.setdefault(bucket, [0, 0.0])
+            entry[0] += points
+            entry[1] += total
+        self.answers += newer.answers
 
     def ordered_reports(self) -> list[StatusReport]:
         reports = list(self.reports)
@@ -243,9 +258,11 @@ class StatusService:
             )
         if report.detail:
             return report
-        silent = format_duration(device.status.offline_timeout)
         return StatusReport(
-            report.state, report.cause, report.observed_at, detail=f"no sign of life for {silent}"
+            report.state,
+            report.cause,
+            report.observed_at,
+            detail=_silence_detail(device.status.offline_timeout_s),
         )
 
     @staticmethod
@@ -465,6 +482,11 @@ class StatusService:
 
     def _default_timeout(self) -> float:
         return self.options.offline_timeout_s()
+
+
+@lru_cache(maxsize=256)
+def _silence_detail(offline_timeout_s: float) -> str:
+    return f"no sign of life for {format_duration(timedelta(seconds=offline_timeout_s))}"
 
 
 def _reschedule_checks(

@@ -10,6 +10,10 @@ msgspec; pydantic is not on the hot path) and answers with one result per item:
 ``?wait=stored`` answers only once the points are queryable (``"stored": true``), or after
 10 s with ``"stored": false`` (still durable, just not written yet).
 
+Retries: a client that sends ``Idempotency-Key: <a ULID made for the batch>`` may resend the
+same body with the same key after a 502/503, a timeout or a lost connection; the points are
+stored once, and every answer carries the same ``message_id`` and point ids.
+
 Times in queries are RFC 3339 or epoch milliseconds; in answers, RFC 3339 with milliseconds.
 """
 
@@ -20,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleetmesh.core.auth import DevicePrincipal, Operator, Role
@@ -35,7 +39,12 @@ from fleetmesh.core.http import (
 )
 from fleetmesh.telemetry.contracts import ms_to_rfc3339
 from fleetmesh.telemetry.domain import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
-from fleetmesh.telemetry.ingest import Ingestor, IngestReport, IngestSettings
+from fleetmesh.telemetry.ingest import (
+    Ingestor,
+    IngestReport,
+    IngestSettings,
+    message_id_for_client_key,
+)
 from fleetmesh.telemetry.projection import DeviceDirectory, TypeProfile
 from fleetmesh.telemetry.reads import PointQuery
 from fleetmesh.telemetry.service import (
@@ -227,11 +236,17 @@ def create_router(
         request: Request,
         principal: Writer,
         wait: Literal["stored"] | None = None,
+        idempotency_key: Annotated[str | None, Header(max_length=64)] = None,
     ) -> Response:
         """Ingest one point or a batch; per-item results (202 / 207 / 422)."""
         _own_device(principal, device_id)
         raw = await request.body()
-        report = await ingestor.ingest(device_id, raw, source="http", wait_stored=wait == "stored")
+        msg_id = None
+        if idempotency_key is not None:
+            msg_id = message_id_for_client_key(device_id, idempotency_key, raw)
+        report = await ingestor.ingest(
+            device_id, raw, source="http", wait_stored=wait == "stored", msg_id=msg_id
+        )
         status, body = render_report(report)
         media_type = PROBLEM_JSON if status == 422 else "application/json"
         return Response(_ENCODER.encode(body), status_code=status, media_type=media_type)

@@ -7,7 +7,8 @@
 2. refuse with ``Overloaded`` (503 + Retry-After) when the process or the writer is behind;
 3. ``process_batch`` (decode → transform → validate → derive; the points limit is live);
 4. publish the accepted points as ONE message to the ``TELEMETRY`` stream, ``Nats-Msg-Id`` =
-   a new ULID, and return after the PubAck: acknowledged means durable;
+   a new ULID (or one derived from the client's ``Idempotency-Key``, see
+   ``message_id_for_client_key``), and return after the PubAck: acknowledged means durable;
 5. with ``wait_stored``, also wait until the writer committed it (queryable).
 
 Overload thresholds (live-tunable under the config service ``telemetry``):
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import re
 import time
@@ -34,10 +36,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from nats.errors import MaxPayloadError
+from ulid import ULID
 
 from fleetmesh.core.backbone import Backbone
 from fleetmesh.core.clock import Clock
-from fleetmesh.core.errors import Overloaded, PayloadTooLarge
+from fleetmesh.core.errors import FieldError, InvalidInput, Overloaded, PayloadTooLarge
 from fleetmesh.core.ids import new_id
 from fleetmesh.core.live_config import LiveConfig
 from fleetmesh.core.logging import get_logger
@@ -69,6 +72,7 @@ __all__ = [
     "MalformedBatch",
     "Overloaded",
     "Rejected",
+    "message_id_for_client_key",
 ]
 
 log = get_logger(__name__)
@@ -330,3 +334,23 @@ def _checked_msg_id(msg_id: str) -> str:
     if not _MSG_ID.fullmatch(msg_id):
         raise ValueError(f"msg_id must be 1-64 characters of [A-Za-z0-9_-], not {msg_id!r}")
     return msg_id
+
+
+def message_id_for_client_key(device_id: str, client_key: str, body: bytes) -> str:
+    """The message id of a batch a client may send more than once (HTTP ``Idempotency-Key``).
+
+    The key is a ULID the client made for the batch and reuses on every retry. The message
+    id keeps its time part (the writer forgets batch ids by ULID order) and replaces the
+    random part by a hash of device, key and body: a retry of the same bytes is the same
+    message, so JetStream and the writer store it once; another device, or other bytes sent
+    with the same key by mistake, make another message instead of being silently dropped.
+    """
+    try:
+        key = ULID.from_str(client_key)
+    except ValueError:
+        raise InvalidInput(
+            "Idempotency-Key must be a ULID (26 characters of Crockford base32).",
+            errors=[FieldError("Idempotency-Key", f"not a ULID: {client_key!r}", "invalid")],
+        ) from None
+    digest = hashlib.sha256(b"\0".join([device_id.encode(), key.bytes, body])).digest()
+    return str(ULID.from_bytes(key.bytes[:6] + digest[:10]))
