@@ -13,8 +13,9 @@ part is reported as skipped when the server cannot be reached). On each:
 - latency: one-sample posts with `?wait=stored`, one at a time (p50, p99);
 - MQTT: `MQTT_DEVICES` devices, each its own paho connection, publish one-point QoS 1
   messages on `devices/<id>/telemetry`; messages/s from the first publish until stored,
-  divided by a plain paho QoS 1 pipe through the same embedded MQTT listener (target
-  >= 1.0);
+  divided by a plain paho QoS 1 pipe of the same shape (the same connections, each
+  publishing to and subscribed to a topic of its own) through the same embedded MQTT
+  listener (target >= 1.0);
 - lost = accepted - stored, counted back through the query API (must be 0).
 
 The raw storage limits are measured while no platform runs, before and after, and the
@@ -64,7 +65,7 @@ POSTGRES = "PostgreSQL"
 TARGETS = {SQLITE: 0.6, POSTGRES: 0.5, "mqtt": 1.0}
 SQLITE_LIMIT = "raw SQLite executemany into telemetry_points rows/s"
 POSTGRES_LIMIT = "raw PostgreSQL COPY into telemetry_points rows/s"
-PIPE_LIMIT = "plain paho -> MQTT listener -> paho QoS 1 pipe msgs/s"
+PIPE_LIMIT = "plain paho -> MQTT listener -> paho QoS 1 pipe, same connections, msgs/s"
 PAST_MS = 30 * 60_000
 """The loads' timestamps start this long ago: recent enough to be on time."""
 
@@ -77,7 +78,6 @@ class Sizes:
     mqtt_devices: int
     mqtt_messages: int
     """Per device."""
-    pipe_messages: int
     stall_s: float
     """Give up waiting for the writer when nothing moved for this long."""
 
@@ -89,7 +89,6 @@ class Sizes:
             latency_requests=options.pick(300, 20),
             mqtt_devices=options.pick(20, 4),
             mqtt_messages=options.pick(500, 50),
-            pipe_messages=options.pick(10_000, 500),
             stall_s=options.pick(60, 20),
         )
 
@@ -129,7 +128,6 @@ class Fleet:
     http: Secrets
     latency: tuple[str, str]
     mqtt: Secrets
-    pipe: tuple[str, str]
 
 
 async def run(options: BenchOptions) -> BenchReport:
@@ -217,8 +215,8 @@ async def _provision(
     tag = secrets.token_hex(3)
     http_ids = [f"bench-{tag}-h{i:03}" for i in range(sizes.http_devices)]
     mqtt_ids = [f"bench-{tag}-m{i:03}" for i in range(sizes.mqtt_devices)]
-    latency_id, pipe_id = f"bench-{tag}-latency", f"bench-{tag}-pipe"
-    every = [*http_ids, *mqtt_ids, latency_id, pipe_id]
+    latency_id = f"bench-{tag}-latency"
+    every = [*http_ids, *mqtt_ids, latency_id]
     with options.step(f"{label}: registering {len(every)} devices"):
         credentials = CredentialsFile(work_dir / "devices.json", platform.base_url)
         issued = await provision_fleet(api, every, credentials)
@@ -228,7 +226,6 @@ async def _provision(
         http={i: issued[i] for i in http_ids},
         latency=(latency_id, issued[latency_id]),
         mqtt={i: issued[i] for i in mqtt_ids},
-        pipe=(pipe_id, issued[pipe_id]),
     )
 
 
@@ -302,15 +299,13 @@ async def _http_load(
 async def _pipe(
     platform: PlatformProcess, fleet: Fleet, sizes: Sizes, label: str, options: BenchOptions
 ) -> float:
-    device_id, secret = fleet.pipe
-    count = sizes.pipe_messages
+    count = sizes.mqtt_devices * sizes.mqtt_messages
     with options.step(f"{label}: limit: plain MQTT QoS 1 pipe", count) as step:
         received, seconds = await asyncio.to_thread(
             mqtt_pipe,
             mqtt_port(platform),
-            device_id,
-            secret,
-            count,
+            fleet.mqtt,
+            sizes.mqtt_messages,
             stall_s=sizes.stall_s,
             on_message=step.advance,
         )

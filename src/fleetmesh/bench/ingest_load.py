@@ -7,10 +7,12 @@ load into the rows the writer stores, so the raw-storage ceilings write the same
 Senders: devices post their own batches with HTTP Basic auth through the simulator's
 `HttpSender` (it retries a 503 after its Retry-After); over MQTT each device is its own
 paho connection (QoS 1, `MQTT_IN_FLIGHT` unacknowledged publishes at most, paho's
-default). The plain pipe is one paho connection of one device publishing QoS 1 on a topic
-of its own that it is subscribed to at QoS 1, through the same MQTT listener: the login
-callout lets a device use only `devices/<its id>/...` and only with client id = device id,
-so a second connection could neither subscribe to the first one's topic nor share its id.
+default). The plain pipe has the MQTT load's shape without fleetmesh: the same devices and
+connections, each publishing QoS 1 on a topic of its own that it is subscribed to at QoS 1,
+through the same MQTT listener. Publisher and subscriber share a connection because the
+login callout lets a device use only `devices/<its id>/...` and only with client id =
+device id, so a second connection could neither subscribe to the first one's topic nor
+share its id.
 
 Counting: the writer's counter (`fleetmesh_telemetry_points_stored_total` on `/metrics`)
 tells when the accepted points are stored; the stored points are then counted back
@@ -377,43 +379,86 @@ def mqtt_devices(
     `time.perf_counter()` values.
     """
     pubacks = _Countdown(len(devices) * messages, on_puback)
-    clients = {i: _device_client(i, secret) for i, secret in devices.items()}
-    connected: list[paho.Client] = []
-    try:
-        for device_id, client in clients.items():
-            client.on_publish = pubacks.tick
-            _connect(client, port, device_id)
-            connected.append(client)
-        started = time.perf_counter()
-        for n in range(messages):
-            payload = one_point(n, start_ms)
-            for device_id, client in clients.items():
-                client.publish(f"devices/{device_id}/telemetry", payload, qos=1)
-        pubacks.wait(stall_s)
-        return pubacks.count, started, pubacks.last_at
-    finally:
-        for client in connected:
-            _close(client)
+
+    def count_pubacks(client: paho.Client, _device_id: str) -> None:
+        client.on_publish = pubacks.tick
+
+    started = _publish_rounds(
+        port, devices, messages, start_ms, _telemetry_topic, count_pubacks, pubacks, stall_s
+    )
+    return pubacks.count, started, pubacks.last_at
 
 
 def mqtt_pipe(
     port: int,
-    device_id: str,
-    secret: str,
+    devices: Secrets,
     messages: int,
     *,
     stall_s: float,
     on_message: Callable[[int], None] | None = None,
 ) -> tuple[int, float]:
-    """QoS 1 through the broker and back: (messages received, seconds).
+    """QoS 1 through the broker and back, shaped like the MQTT load: (received, seconds).
 
-    One paho connection publishes on a topic it is subscribed to (see the module
-    docstring for why not two). Blocking (run it in a thread). The messages have a
-    device message's shape, on a subject nothing of fleetmesh captures or subscribes to,
-    so only the broker touches them.
+    The same devices, each its own paho connection with the same in-flight window, publish
+    the same number of one-point messages, each on a topic of its own that it is subscribed
+    to at QoS 1 (see the module docstring for why not a second connection). Blocking (run
+    it in a thread). The topics are ones nothing of fleetmesh captures or subscribes to, so
+    only the broker touches the messages.
     """
-    topic = f"devices/{device_id}/pipe"
-    received = _Countdown(messages, on_message)
+    received = _Countdown(len(devices) * messages, on_message)
+
+    def listen(client: paho.Client, device_id: str) -> None:
+        client.on_message = received.tick
+        _subscribe(client, _pipe_topic(device_id))
+
+    started = _publish_rounds(port, devices, messages, 0, _pipe_topic, listen, received, stall_s)
+    return received.count, received.last_at - started
+
+
+def _publish_rounds(
+    port: int,
+    devices: Secrets,
+    messages: int,
+    start_ms: int,
+    topic_of: Callable[[str], str],
+    prepare: Callable[[paho.Client, str], None],
+    done: _Countdown,
+    stall_s: float,
+) -> float:
+    """Connect each device (then `prepare` it); publish `messages` rounds of one point each.
+
+    Returns when `done` counted everything or stalled; the value is when publishing began
+    (`time.perf_counter()`).
+    """
+    clients = {i: _device_client(i, secret) for i, secret in devices.items()}
+    connected: list[paho.Client] = []
+    try:
+        for device_id, client in clients.items():
+            _connect(client, port, device_id)
+            connected.append(client)
+            prepare(client, device_id)
+        started = time.perf_counter()
+        for n in range(messages):
+            payload = one_point(n, start_ms)
+            for device_id, client in clients.items():
+                client.publish(topic_of(device_id), payload, qos=1)
+        done.wait(stall_s)
+        return started
+    finally:
+        for client in connected:
+            _close(client)
+
+
+def _telemetry_topic(device_id: str) -> str:
+    return f"devices/{device_id}/telemetry"
+
+
+def _pipe_topic(device_id: str) -> str:
+    return f"devices/{device_id}/pipe"
+
+
+def _subscribe(client: paho.Client, topic: str) -> None:
+    """Subscribe at QoS 1; raise unless the broker granted it."""
     subscribed = threading.Event()
     granted: list[Any] = []
 
@@ -421,18 +466,7 @@ def mqtt_pipe(
         granted.extend(reasons)
         subscribed.set()
 
-    client = _device_client(device_id, secret)
-    client.on_message = received.tick
     client.on_subscribe = on_subscribe
-    _connect(client, port, device_id)
-    try:
-        client.subscribe(topic, qos=1)
-        if not subscribed.wait(CONNECT_TIMEOUT_S) or any(r.is_failure for r in granted):
-            raise BenchError(f"subscribing to {topic}: {granted}")
-        started = time.perf_counter()
-        for n in range(messages):
-            client.publish(topic, one_point(n, 0), qos=1)
-        received.wait(stall_s)
-        return received.count, received.last_at - started
-    finally:
-        _close(client)
+    client.subscribe(topic, qos=1)
+    if not subscribed.wait(CONNECT_TIMEOUT_S) or any(r.is_failure for r in granted):
+        raise BenchError(f"subscribing to {topic}: {granted}")

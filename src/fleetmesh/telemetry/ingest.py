@@ -31,7 +31,7 @@ import hashlib
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -99,6 +99,14 @@ class IngestReport:
 
     def point_id(self, point: Accepted) -> str:
         return f"{self.message_id}:{point.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated batch: what to answer, and the message that makes it durable (if any)."""
+
+    report: IngestReport
+    message: IngestMessage | None
 
 
 class IngestSettings:
@@ -245,10 +253,45 @@ class Ingestor:
         Raises ``DeviceNotFound`` (404), ``DeviceNotActive`` (409), ``MalformedBatch`` (400),
         ``BatchTooLarge`` (413) and ``Overloaded`` (503 with Retry-After).
         """
+        self._admit()
+        prepared = await self.prepare(
+            device_id, raw, source=source, received_at_ms=received_at_ms, msg_id=msg_id
+        )
+        report, message = prepared.report, prepared.message
+        if message is None:
+            return report
+        message_id = message.id
+        stored_future = self.notifier.expect(message_id) if wait_stored else None
+        try:
+            await self._publish(device_id, message)
+        except BaseException:
+            self.notifier.forget(message_id)
+            raise
+        self.metrics.points_accepted.labels(source).inc(len(report.accepted))
+        stored = False
+        if stored_future is not None:
+            stored = await self.notifier.wait(message_id, stored_future, wait_timeout_s)
+        return replace(report, stored=stored)
+
+    async def prepare(
+        self,
+        device_id: str,
+        raw: bytes,
+        *,
+        source: str,
+        received_at_ms: int | None = None,
+        msg_id: str | None = None,
+    ) -> Prepared:
+        """Validate a batch without publishing it: the report, and the message to store.
+
+        The message is None when no point was accepted. A transport that stores what it
+        received itself (MQTT: ``DEVICES_IN`` is already durable) hands the message to the
+        writer's ``BatchStore``; ``ingest`` publishes it to the ``TELEMETRY`` stream.
+        Raises like ``ingest``, except ``Overloaded``.
+        """
         _, device_type = await self.directory.require_device(
             device_id, wait_s=self.settings.projection_wait_s
         )
-        self._admit()
         now_ms = received_at_ms if received_at_ms is not None else self._now_ms()
         outcome = process_batch(
             raw,
@@ -260,8 +303,16 @@ class Ingestor:
         )
         message_id = _checked_msg_id(msg_id) if msg_id is not None else new_id()
         self.metrics.points_rejected.labels(source).inc(len(outcome.rejected))
+        report = IngestReport(
+            outcome.accepted,
+            outcome.rejected,
+            message_id,
+            False,
+            outcome.item_count,
+            published=bool(outcome.accepted),
+        )
         if not outcome.accepted:
-            return IngestReport([], outcome.rejected, message_id, False, outcome.item_count)
+            return Prepared(report, None)
         message = IngestMessage(
             id=message_id,
             device_id=device_id,
@@ -271,19 +322,7 @@ class Ingestor:
                 WirePoint(a.index, a.metric, a.value, a.ts_ms, a.quality) for a in outcome.accepted
             ],
         )
-        stored_future = self.notifier.expect(message_id) if wait_stored else None
-        try:
-            await self._publish(device_id, message)
-        except BaseException:
-            self.notifier.forget(message_id)
-            raise
-        self.metrics.points_accepted.labels(source).inc(len(outcome.accepted))
-        stored = False
-        if stored_future is not None:
-            stored = await self.notifier.wait(message_id, stored_future, wait_timeout_s)
-        return IngestReport(
-            outcome.accepted, outcome.rejected, message_id, stored, outcome.item_count, True
-        )
+        return Prepared(report, message)
 
     def _admit(self) -> None:
         limit = self.settings.max_inflight_publishes

@@ -35,6 +35,7 @@ from fleetmesh.telemetry.service import (
     apply_projection_changes,
 )
 from fleetmesh.telemetry.writer import (
+    BatchStore,
     StoredNotifier,
     TelemetryWriter,
     dead_letter_stream_config,
@@ -60,13 +61,10 @@ def create_module(deps: Deps) -> Module:
         )
 
     projection = ProjectionConsumer(deps.backbone, apply)
-    writer = TelemetryWriter(
-        backbone=deps.backbone,
-        uow_factory=uow_factory,
-        notifier=notifier,
-        clock=deps.clock,
-        metrics=metrics,
+    batch_store = BatchStore(
+        uow_factory=uow_factory, notifier=notifier, clock=deps.clock, metrics=metrics
     )
+    writer = TelemetryWriter(backbone=deps.backbone, store=batch_store)
     ingestor = Ingestor(
         directory=directory,
         backbone=deps.backbone,
@@ -85,7 +83,7 @@ def create_module(deps: Deps) -> Module:
         metrics=metrics,
     )
     quarantine = QuarantineStore(deps.database, clock=deps.clock)
-    mqtt = MqttTelemetryConsumer(deps, ingestor, quarantine)
+    mqtt = MqttTelemetryConsumer(deps, ingestor, batch_store, quarantine)
     bridge = (
         MqttBridge(deps.settings.mqtt_bridge, deps.backbone) if deps.settings.mqtt_bridge else None
     )

@@ -1,12 +1,19 @@
-"""MQTT telemetry: what devices publish on `devices/<id>/telemetry`, into the ingest path.
+"""MQTT telemetry: what devices publish on `devices/<id>/telemetry`, into storage.
 
 nats-server's MQTT listener turns a publish on topic `devices/<id>/telemetry`
 (QoS 0 or 1) into a NATS message on `devices.<id>.telemetry`; the file-backed
-stream `DEVICES_IN` captures it. A durable pull consumer (`telemetry-mqtt`,
-explicit acks, batches) hands each message to the `Ingestor` exactly as an HTTP
-body would be, with the device id taken from the subject (the auth callout only
-lets a device publish under its own `devices.<id>.>`, so the subject is proof of
-identity). The MQTT bridge (`bridge.py`) feeds the same stream.
+stream `DEVICES_IN` captures it before the listener answers PUBACK, so a message
+is durable once acknowledged to the device. A durable pull consumer
+(`telemetry-mqtt`, explicit acks) takes up to `batch` messages per fetch and:
+
+1. validates each with the `Ingestor` exactly as an HTTP body (`prepare`), with
+   the device id taken from the subject (the auth callout only lets a device
+   publish under its own `devices.<id>.>`, so the subject is proof of identity);
+   devices side by side, each device's messages in stream order;
+2. stores the accepted points of the whole fetch in one transaction through the
+   writer's `BatchStore` (one `collected` event per device), without a second
+   trip through the `TELEMETRY` stream: `DEVICES_IN` already holds them durably;
+3. acks after the commit. The MQTT bridge (`bridge.py`) feeds the same stream.
 
 Outcomes, per message:
 
@@ -17,15 +24,18 @@ Outcomes, per message:
 * `Overloaded`: nak with the advised delay, never dropped, however often;
 * anything else (database or NATS trouble): nak with a growing delay; after
   `max_attempts` deliveries the message is quarantined with reason
-  `processing_failed` (the dead letter, raw payload included) and acked.
+  `processing_failed` (the dead letter, raw payload included) and acked. When
+  the fetch's transaction fails, its messages are stored one by one, so a bad
+  one is isolated and its neighbours are stored.
 
-Idempotency: the stream sequence identifies a message. The ingestor receives a
+Idempotency: the stream sequence identifies a message. Its batch id is a
 deterministic `msg_id` derived from it (and from the stream's creation time, so
-a recreated stream does not reuse ids); it is the `Nats-Msg-Id` of the points it
-publishes, so JetStream drops a redelivered message's points within its
-duplicate window. The consumer also remembers the messages it finished, so a
+a recreated stream does not reuse ids); the store claims it in
+`telemetry_batches` in the same transaction as the points, so a message
+redelivered after a crash between commit and ack is skipped, however the
+fetches group it. The consumer also remembers the messages it finished, so a
 message redelivered because its ack was lost is acked again without a second
-ingest.
+look.
 """
 
 from __future__ import annotations
@@ -33,11 +43,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import inspect
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -59,6 +68,7 @@ from fleetmesh.core.clock import epoch_ms, to_rfc3339
 from fleetmesh.core.errors import FleetmeshError, Overloaded
 from fleetmesh.core.logging import get_logger
 from fleetmesh.core.module import Deps
+from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.domain import Rejected
 from fleetmesh.telemetry.quarantine import QuarantineEntry
 
@@ -137,18 +147,38 @@ class IngestReportLike(Protocol):
         """The rejected points, each with its reason."""
 
 
+class PreparedLike(Protocol):
+    """`fleetmesh.telemetry.ingest.Prepared`: the report and the message to store, if any."""
+
+    @property
+    def report(self) -> IngestReportLike:
+        """Per point: accepted or rejected."""
+
+    @property
+    def message(self) -> IngestMessage | None:
+        """The accepted points, or None when none was accepted."""
+
+
 class IngestorLike(Protocol):
     """`fleetmesh.telemetry.ingest.Ingestor`, as far as this consumer uses it."""
 
-    def ingest(
+    def prepare(
         self,
         device_id: str,
         raw: bytes,
         *,
-        source: str = "http",
+        source: str,
         received_at_ms: int | None = None,
-    ) -> Awaitable[IngestReportLike]:
-        """Decode, validate and durably accept a device's telemetry body."""
+        msg_id: str | None = None,
+    ) -> Awaitable[PreparedLike]:
+        """Decode and validate a device's telemetry body, without storing it."""
+
+
+class BatchStoreLike(Protocol):
+    """`fleetmesh.telemetry.writer.BatchStore`: one transaction, idempotent by message id."""
+
+    async def store(self, messages: Sequence[IngestMessage]) -> object:
+        """Store the messages (those stored before are skipped)."""
 
 
 class Quarantine(Protocol):
@@ -240,8 +270,24 @@ class _Remembered:
             self._keys.popitem(last=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Validated:
+    """A message whose accepted points wait to be stored (with the fetch's others)."""
+
+    delivery: Delivery
+    device_id: str
+    message: IngestMessage
+    refusal: _Refusal | None
+    """Set when some of its points were rejected: quarantined once the rest is stored."""
+
+
 class TelemetryMessageHandler:
-    """Decides what becomes of one message: ingest, quarantine, notify, ack or nak."""
+    """Decides what becomes of one message: validate, store, quarantine, notify, ack or nak.
+
+    `validate` settles what needs no storage (a duplicate, a refusal, a failure) and
+    hands the rest on as `Validated`; once the consumer stored those (or failed to),
+    `settle` quarantines their rejected points and acks them, or retries them.
+    """
 
     def __init__(
         self,
@@ -257,9 +303,8 @@ class TelemetryMessageHandler:
         self.errors = errors
         self.max_attempts = max_attempts
         self._done = _Remembered(remembered)
-        self._ingest = _ingest_call(ingestor)
 
-    async def handle(self, delivery: Delivery) -> Decision:
+    async def validate(self, delivery: Delivery) -> Decision | Validated:
         if delivery.message_key in self._done:
             return Decision(Verdict.ACK, outcome="duplicate")
         device_id = device_id_of(delivery.subject)
@@ -267,8 +312,26 @@ class TelemetryMessageHandler:
             token = delivery.subject.split(".")[1] if delivery.subject.count(".") == 2 else "?"
             refusal = _Refusal(INVALID_DEVICE_ID, f"{delivery.subject!r} names no valid device")
             return await self._refuse(delivery, token, refusal)
+        prepared = await self._prepare(device_id, delivery)
+        if isinstance(prepared, Decision):
+            return prepared
+        rejected = _points_rejected(prepared.report) if prepared.report.rejected else None
+        if prepared.message is not None:
+            return Validated(delivery, device_id, prepared.message, rejected)
+        if rejected is not None:
+            return await self._refuse(delivery, device_id, rejected)
+        self._done.add(delivery.message_key)
+        return Decision(Verdict.ACK, outcome="empty")
+
+    async def _prepare(self, device_id: str, delivery: Delivery) -> Decision | PreparedLike:
         try:
-            report = await self._ingest(device_id, delivery)
+            return await self.ingestor.prepare(
+                device_id,
+                delivery.payload,
+                source=delivery.source,
+                received_at_ms=delivery.received_at_ms,
+                msg_id=delivery.msg_id,
+            )
         except Overloaded as error:
             return Decision(Verdict.NAK, max(1.0, float(error.retry_after_s)), "overloaded")
         except FleetmeshError as error:
@@ -280,17 +343,14 @@ class TelemetryMessageHandler:
             return await self._refuse(delivery, device_id, refusal)
         except Exception as error:
             return await self._failed(device_id, delivery, error)
-        if report.rejected:
-            refusal = _Refusal(
-                POINTS_REJECTED,
-                f"{len(report.rejected)} of {len(report.rejected) + len(report.accepted)}"
-                " points were rejected",
-                [_rejection(item) for item in report.rejected],
-                len(report.accepted),
-                len(report.rejected),
-            )
-            return await self._refuse(delivery, device_id, refusal)
-        self._done.add(delivery.message_key)
+
+    async def settle(self, validated: Validated, error: Exception | None) -> Decision:
+        """After the store: ack (quarantining rejected points), or retry if it failed."""
+        if error is not None:
+            return await self._failed(validated.device_id, validated.delivery, error)
+        if validated.refusal is not None:
+            return await self._refuse(validated.delivery, validated.device_id, validated.refusal)
+        self._done.add(validated.delivery.message_key)
         return Decision(Verdict.ACK)
 
     async def _failed(self, device_id: str, delivery: Delivery, error: Exception) -> Decision:
@@ -352,28 +412,15 @@ class TelemetryMessageHandler:
         return Decision(Verdict.ACK, outcome=outcome)
 
 
-IngestCall = Callable[[str, Delivery], Awaitable[IngestReportLike]]
-
-
-def _ingest_call(ingestor: IngestorLike) -> IngestCall:
-    """Pass the deterministic `msg_id` when the ingestor takes one (its dedup key)."""
-    method: Callable[..., Awaitable[IngestReportLike]] = ingestor.ingest
-    try:
-        takes_msg_id = "msg_id" in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        takes_msg_id = False
-
-    async def call(device_id: str, delivery: Delivery) -> IngestReportLike:
-        extra: dict[str, Any] = {"msg_id": delivery.msg_id} if takes_msg_id else {}
-        return await method(
-            device_id,
-            delivery.payload,
-            source=delivery.source,
-            received_at_ms=delivery.received_at_ms,
-            **extra,
-        )
-
-    return call
+def _points_rejected(report: IngestReportLike) -> _Refusal:
+    return _Refusal(
+        POINTS_REJECTED,
+        f"{len(report.rejected)} of {len(report.rejected) + len(report.accepted)}"
+        " points were rejected",
+        [_rejection(item) for item in report.rejected],
+        len(report.accepted),
+        len(report.rejected),
+    )
 
 
 def _rejection(item: Rejected) -> dict[str, Any]:
@@ -439,14 +486,16 @@ class MqttTelemetryConsumer:
         self,
         deps: Deps,
         ingestor: IngestorLike,
+        store: BatchStoreLike,
         quarantine: Quarantine,
         *,
-        batch: int = 256,
+        batch: int = 1_000,
         max_attempts: int = MAX_ATTEMPTS,
         errors: ErrorChannel | None = None,
     ) -> None:
         self.backbone = deps.backbone
         self.batch = batch
+        self.store = store
         self.handler = TelemetryMessageHandler(
             ingestor,
             quarantine,
@@ -522,30 +571,66 @@ class MqttTelemetryConsumer:
                     await asyncio.wait_for(self._stopping.wait(), pause)
 
     async def process(self, messages: Sequence[JetStreamMessage]) -> float:
-        """Handle a batch: devices side by side, each device's messages in order.
+        """Handle a fetch: validate every message, store the accepted ones together, settle.
 
-        Returns how long to pause before the next fetch (0 unless overloaded).
+        Devices are validated side by side, each device's messages in stream order; the
+        points of all of them are stored in one transaction (one `collected` event per
+        device), and only then acked. Returns how long to pause before the next fetch (0
+        unless overloaded).
         """
         by_device: dict[str, list[JetStreamMessage]] = {}
         for message in messages:
             by_device.setdefault(message.subject, []).append(message)
-        decisions = await asyncio.gather(
-            *(self._process_in_order(group) for group in by_device.values())
+        groups = await asyncio.gather(
+            *(self._validate_in_order(group) for group in by_device.values())
         )
-        delays = [d.delay_s for group in decisions for d in group if d.outcome == "overloaded"]
+        checked = [item for group in groups for item in group]
+        failures = await self._store([v for _, v in checked if isinstance(v, Validated)])
+        decisions = [await self._settle(message, v, failures) for message, v in checked]
+        delays = [d.delay_s for d in decisions if d.outcome == "overloaded"]
         return min(max(delays), MAX_OVERLOAD_PAUSE_S) if delays else 0.0
 
-    async def _process_in_order(self, messages: list[JetStreamMessage]) -> list[Decision]:
-        return [await self._process_one(message) for message in messages]
+    async def _validate_in_order(
+        self, messages: list[JetStreamMessage]
+    ) -> list[tuple[JetStreamMessage, Decision | Validated]]:
+        return [(message, await self._validate(message)) for message in messages]
 
-    async def _process_one(self, message: JetStreamMessage) -> Decision:
+    async def _validate(self, message: JetStreamMessage) -> Decision | Validated:
         try:
             delivery = delivery_of(message, stream_epoch_ms=self._stream_epoch_ms)
-            decision = await self.handler.handle(delivery)
+            return await self.handler.validate(delivery)
         except Exception as error:
             # The quarantine itself failed (database down): try again later.
             log.warning("mqtt_telemetry_handling_failed", error=repr(error))
-            decision = Decision(Verdict.NAK, 2.0, "retry")
+            return Decision(Verdict.NAK, 2.0, "retry")
+
+    async def _store(self, pending: list[Validated]) -> dict[str, Exception]:
+        """Store all in one transaction; if that fails, one by one: the failures by key."""
+        if not pending:
+            return {}
+        try:
+            await self.store.store([v.message for v in pending])
+            return {}
+        except Exception as error:
+            log.warning("mqtt_telemetry_store_failed", messages=len(pending), error=repr(error))
+        failures: dict[str, Exception] = {}
+        for validated in pending:
+            try:
+                await self.store.store([validated.message])
+            except Exception as error:
+                failures[validated.delivery.message_key] = error
+        return failures
+
+    async def _settle(
+        self,
+        message: JetStreamMessage,
+        checked: Decision | Validated,
+        failures: dict[str, Exception],
+    ) -> Decision:
+        if isinstance(checked, Validated):
+            decision = await self._settled(checked, failures.get(checked.delivery.message_key))
+        else:
+            decision = checked
         self.outcomes[decision.outcome] = self.outcomes.get(decision.outcome, 0) + 1
         try:
             if decision.verdict is Verdict.ACK:
@@ -555,6 +640,13 @@ class MqttTelemetryConsumer:
         except Exception as error:
             log.warning("mqtt_telemetry_ack_failed", error=repr(error))
         return decision
+
+    async def _settled(self, validated: Validated, error: Exception | None) -> Decision:
+        try:
+            return await self.handler.settle(validated, error)
+        except Exception as failure:
+            log.warning("mqtt_telemetry_handling_failed", error=repr(failure))
+            return Decision(Verdict.NAK, 2.0, "retry")
 
 
 def _epoch_ms_of(created: object) -> int:

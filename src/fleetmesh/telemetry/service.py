@@ -185,7 +185,9 @@ async def store_batches(
     """Store accepted batches in one transaction; a message stored before is skipped.
 
     The message ids go to ``telemetry_batches`` first, in the same transaction as the points,
-    the latest values and one ``fleetmesh.telemetry.collected.v1`` event per batch.
+    the latest values and one ``fleetmesh.telemetry.collected.v1`` event per device: a
+    device whose batches were stored together (many one-point MQTT messages) is announced
+    once, for all of them.
     """
     unique: dict[str, IngestMessage] = {}
     for message in messages:
@@ -198,7 +200,9 @@ async def store_batches(
         fresh = [m for m in unique.values() if m.id in claimed]
         rows: list[PointRow] = []
         latest: dict[tuple[str, str], PointRow] = {}
+        by_device: dict[str, list[IngestMessage]] = {}
         for message in fresh:
+            by_device.setdefault(message.device_id, []).append(message)
             for point in message.points:
                 row = point_row(message.device_id, message.id, point)
                 rows.append(row)
@@ -206,7 +210,8 @@ async def store_batches(
                 current = latest.get(key)
                 if current is None or row[2] >= current[2]:
                     latest[key] = row
-            uow.emit(_collected(message))
+        for batches in by_device.values():
+            uow.emit(_collected(batches))
         await uow.points.insert_points(rows)
         await uow.points.upsert_latest(LatestRow(*row) for row in latest.values())
         await uow.commit()
@@ -217,16 +222,17 @@ async def store_batches(
     )
 
 
-def _collected(message: IngestMessage) -> Any:
-    points = message.points
+def _collected(batches: list[IngestMessage]) -> Any:
+    """One device's batches of a transaction; ``message_id`` is the first batch's."""
+    points = [p for message in batches for p in message.points]
     return contracts.collected(
-        device_id=message.device_id,
-        message_id=message.id,
+        device_id=batches[0].device_id,
+        message_id=batches[0].id,
         count=len(points),
         first_ts_ms=min(p.ts_ms for p in points),
         last_ts_ms=max(p.ts_ms for p in points),
         metrics=sorted({p.metric for p in points}),
-        received_at_ms=message.received_at_ms,
+        received_at_ms=max(message.received_at_ms for message in batches),
         quality_mean=sum(p.quality for p in points) / len(points),
     )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -50,7 +50,7 @@ from fleetmesh.telemetry.consumers import (
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.metrics import TelemetryMetrics
 from fleetmesh.telemetry.repository import PointStore
-from fleetmesh.telemetry.service import UnitOfWorkFactory, store_batches
+from fleetmesh.telemetry.service import StoreResult, UnitOfWorkFactory, store_batches
 
 log = get_logger(__name__)
 
@@ -159,23 +159,39 @@ class StoredNotifier:
             return await PointStore(session).stored(message_id)
 
 
-class TelemetryWriter:
-    """The durable consumer of the TELEMETRY stream; see the module docstring."""
+class BatchStore:
+    """Stores accepted batches in one transaction and tells whoever waits for them."""
 
     def __init__(
         self,
         *,
-        backbone: Backbone,
         uow_factory: UnitOfWorkFactory,
         notifier: StoredNotifier,
         clock: Clock,
         metrics: TelemetryMetrics,
     ) -> None:
-        self.backbone = backbone
         self.uow_factory = uow_factory
         self.notifier = notifier
         self.clock = clock
         self.metrics = metrics
+
+    async def store(self, messages: Sequence[IngestMessage]) -> StoreResult:
+        started = time.perf_counter()
+        result = await store_batches(messages, uow=self.uow_factory(), now=self.clock.now())
+        self.metrics.store_seconds.observe(time.perf_counter() - started)
+        self.metrics.points_stored.inc(result.points)
+        self.metrics.batches_stored.inc(len(result.stored))
+        self.metrics.batches_duplicate.inc(len(result.duplicates))
+        self.notifier.resolve(result.stored + result.duplicates)
+        return result
+
+
+class TelemetryWriter:
+    """The durable consumer of the TELEMETRY stream; see the module docstring."""
+
+    def __init__(self, *, backbone: Backbone, store: BatchStore) -> None:
+        self.backbone = backbone
+        self.batches = store
         self.loop = PullLoop(
             name="telemetry-writer",
             subscribe=self._subscribe,
@@ -224,17 +240,9 @@ class TelemetryWriter:
                         )
 
     async def _store(self, group: list[tuple[Msg, IngestMessage]]) -> None:
-        started = time.perf_counter()
-        result = await store_batches(
-            [message for _, message in group], uow=self.uow_factory(), now=self.clock.now()
-        )
-        self.metrics.store_seconds.observe(time.perf_counter() - started)
+        await self.batches.store([message for _, message in group])
         for message, _ in group:
             await message.ack()
-        self.metrics.points_stored.inc(result.points)
-        self.metrics.batches_stored.inc(len(result.stored))
-        self.metrics.batches_duplicate.inc(len(result.duplicates))
-        self.notifier.resolve(result.stored + result.duplicates)
 
 
 def _transactions(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ import pytest
 from ulid import ULID
 
 from fleetmesh.core.errors import NotFound, Overloaded
+from fleetmesh.telemetry.contracts import IngestMessage, WirePoint
 from fleetmesh.telemetry.domain import MalformedBatch, Rejected, RejectReason
 from fleetmesh.telemetry.mqtt import (
     MqttTelemetryConsumer,
@@ -37,6 +39,17 @@ class Report:
     rejected: list[Rejected] = field(default_factory=list)
 
 
+@dataclass
+class Prepared:
+    report: Report
+    message: IngestMessage | None
+
+
+def ingest_message(device_id: str, msg_id: str, accepted: int) -> IngestMessage | None:
+    points = [WirePoint(i, "t", float(i), i, 1.0) for i in range(accepted)]
+    return IngestMessage(msg_id, device_id, 0, "mqtt", points) if points else None
+
+
 class FakeIngestor:
     """Records calls; answers with a report or raises what it is told to, per device."""
 
@@ -44,17 +57,15 @@ class FakeIngestor:
         self.calls: list[dict[str, Any]] = []
         self.outcomes: dict[str, Any] = {}
 
-    async def ingest(
+    async def prepare(
         self,
         device_id: str,
         raw: bytes,
         *,
-        source: str = "http",
+        source: str,
         received_at_ms: int | None = None,
-        wait_stored: bool = False,
-        wait_timeout_s: float = 10.0,
         msg_id: str | None = None,
-    ) -> Report:
+    ) -> Prepared:
         self.calls.append(
             {"device_id": device_id, "raw": raw, "source": source, "at": received_at_ms}
             | {"msg_id": msg_id}
@@ -62,25 +73,27 @@ class FakeIngestor:
         outcome = self.outcomes.get(device_id)
         if isinstance(outcome, Exception):
             raise outcome
-        return outcome or Report(accepted=[object()])
+        report = outcome or Report(accepted=[object()])
+        assert msg_id is not None
+        return Prepared(report, ingest_message(device_id, msg_id, len(report.accepted)))
 
 
-class LegacyIngestor:
-    """An ingestor without the `msg_id` keyword."""
+class FakeStore:
+    """Keeps what it stored; fails for the devices it is told to."""
 
     def __init__(self) -> None:
-        self.devices: list[str] = []
+        self.transactions: list[list[IngestMessage]] = []
+        self.failing: dict[str, Exception] = {}
 
-    async def ingest(
-        self,
-        device_id: str,
-        raw: bytes,
-        *,
-        source: str = "http",
-        received_at_ms: int | None = None,
-    ) -> Report:
-        self.devices.append(device_id)
-        return Report(accepted=[object()])
+    async def store(self, messages: Sequence[IngestMessage]) -> None:
+        for message in messages:
+            if message.device_id in self.failing:
+                raise self.failing[message.device_id]
+        self.transactions.append(list(messages))
+
+    @property
+    def stored(self) -> list[IngestMessage]:
+        return [m for transaction in self.transactions for m in transaction]
 
 
 class FakeQuarantine:
@@ -144,14 +157,30 @@ def errors() -> FakeErrors:
     return FakeErrors()
 
 
-def make_consumer(ingestor: Any, quarantine: FakeQuarantine, errors: FakeErrors) -> Any:
+@pytest.fixture
+def store() -> FakeStore:
+    return FakeStore()
+
+
+def make_consumer(
+    ingestor: Any, quarantine: FakeQuarantine, errors: FakeErrors, store: FakeStore | None = None
+) -> Any:
     deps = SimpleNamespace(backbone=None)
-    return MqttTelemetryConsumer(deps, ingestor, quarantine, errors=errors, max_attempts=3)  # type: ignore[arg-type]
+    return MqttTelemetryConsumer(
+        deps,  # type: ignore[arg-type]
+        ingestor,
+        store or FakeStore(),
+        quarantine,
+        errors=errors,
+        max_attempts=3,
+    )
 
 
 @pytest.fixture
-def consumer(ingestor: FakeIngestor, quarantine: FakeQuarantine, errors: FakeErrors) -> Any:
-    return make_consumer(ingestor, quarantine, errors)
+def consumer(
+    ingestor: FakeIngestor, quarantine: FakeQuarantine, errors: FakeErrors, store: FakeStore
+) -> Any:
+    return make_consumer(ingestor, quarantine, errors, store)
 
 
 @pytest.mark.parametrize(
@@ -170,8 +199,12 @@ def test_the_device_id_comes_from_the_subject(subject: str, device_id: str | Non
     assert device_id_of(subject) == device_id
 
 
-async def test_a_good_message_is_ingested_as_mqtt_and_acked(
-    consumer: Any, ingestor: FakeIngestor, quarantine: FakeQuarantine, errors: FakeErrors
+async def test_a_good_message_is_stored_as_mqtt_and_acked(
+    consumer: Any,
+    ingestor: FakeIngestor,
+    store: FakeStore,
+    quarantine: FakeQuarantine,
+    errors: FakeErrors,
 ) -> None:
     message = FakeMessage("devices.s-1.telemetry", b'{"metric":"t","value":1}', sequence=7)
     assert await consumer.process([message]) == 0.0
@@ -182,6 +215,7 @@ async def test_a_good_message_is_ingested_as_mqtt_and_acked(
     assert call["source"] == "mqtt"
     assert call["at"] == STORED_AT_MS
     assert ULID.from_str(call["msg_id"]).milliseconds == STORED_AT_MS  # a ULID, like HTTP ids
+    assert [m.id for m in store.stored] == [call["msg_id"]]
     assert quarantine.entries == {}
     assert errors.sent == []
 
@@ -304,17 +338,6 @@ async def test_the_msg_id_is_the_same_for_every_delivery_of_a_message(
     assert ingestor.calls[-1]["msg_id"] != ids[0]
 
 
-async def test_an_ingestor_without_msg_id_is_called_without_it(
-    quarantine: FakeQuarantine, errors: FakeErrors
-) -> None:
-    legacy = LegacyIngestor()
-    consumer = make_consumer(legacy, quarantine, errors)
-    message = FakeMessage("devices.s-2.telemetry", b"{}", sequence=1)
-    await consumer.process([message])
-    assert legacy.devices == ["s-2"]
-    assert message.settled == [("ack", None)]
-
-
 async def test_each_devices_messages_are_handled_in_stream_order(
     consumer: Any, ingestor: FakeIngestor
 ) -> None:
@@ -339,3 +362,61 @@ async def test_an_invalid_device_token_is_quarantined_without_ingesting(
     assert message.settled == [("ack", None)]
     assert quarantine.entries["DEVICES_IN-0-2"].reason == "invalid_device_id"
     assert errors.sent == []
+
+
+async def test_a_fetch_is_stored_in_one_transaction_before_anything_is_acked(
+    consumer: Any, store: FakeStore
+) -> None:
+    messages = [
+        FakeMessage(f"devices.{device}.telemetry", b"{}", sequence=seq)
+        for seq, device in enumerate(["a", "b", "a", "c"], start=1)
+    ]
+    acked_when_stored: list[int] = []
+    original = store.store
+
+    async def store_then_look(batch: Sequence[IngestMessage]) -> None:
+        acked_when_stored.append(sum(len(m.settled) for m in messages))
+        await original(batch)
+
+    store.store = store_then_look  # type: ignore[method-assign]
+    await consumer.process(messages)
+    [transaction] = store.transactions
+    assert sorted(m.device_id for m in transaction) == ["a", "a", "b", "c"]
+    assert acked_when_stored == [0]
+    assert all(m.settled == [("ack", None)] for m in messages)
+
+
+async def test_a_message_the_store_refuses_is_retried_and_its_neighbours_are_stored(
+    consumer: Any, store: FakeStore, quarantine: FakeQuarantine
+) -> None:
+    store.failing["bad"] = RuntimeError("poison row")
+    good = FakeMessage("devices.good.telemetry", b"{}", sequence=1)
+    bad = FakeMessage("devices.bad.telemetry", b"{}", sequence=2)
+    await consumer.process([good, bad])
+    assert [m.device_id for m in store.stored] == ["good"]
+    assert good.settled == [("ack", None)]
+    assert bad.settled == [("nak", backoff_s(1))]
+    assert quarantine.entries == {}
+
+
+async def test_the_accepted_points_of_a_partly_rejected_message_are_stored(
+    consumer: Any, ingestor: FakeIngestor, store: FakeStore, quarantine: FakeQuarantine
+) -> None:
+    rejection = Rejected(0, "temp", "value", RejectReason.OUT_OF_RANGE, "above 85")
+    ingestor.outcomes["s-1"] = Report(accepted=[object()], rejected=[rejection])
+    message = FakeMessage("devices.s-1.telemetry", b"[...]", sequence=8)
+    await consumer.process([message])
+    assert [len(m.points) for m in store.stored] == [1]
+    assert quarantine.entries["DEVICES_IN-0-8"].reason == "points_rejected"
+    assert message.settled == [("ack", None)]
+
+
+async def test_a_message_without_points_is_acked_without_storing(
+    consumer: Any, ingestor: FakeIngestor, store: FakeStore, quarantine: FakeQuarantine
+) -> None:
+    ingestor.outcomes["s-1"] = Report()
+    message = FakeMessage("devices.s-1.telemetry", b"[]", sequence=9)
+    await consumer.process([message])
+    assert store.transactions == []
+    assert quarantine.entries == {}
+    assert message.settled == [("ack", None)]
