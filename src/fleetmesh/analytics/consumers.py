@@ -15,7 +15,9 @@ where the last checkpoint left it.
   announced by `fleetmesh.anomaly.detected.v1` in one transaction. Anomalies are
   unique per (deployment, device, metric, ts), so rescoring after a restart
   from an older checkpoint produces no duplicates.
-* A deployment scores batches received after it was created.
+* A deployment scores batches received after it was created. The active deployments
+  are read again at once after a change made in this process, and at least every
+  `ACTIVE_TTL_S` (changes made by another process).
 
 Failures are retried with backoff (`max_deliver` deliveries), then the message is
 dead-lettered into `analytics_dead_letters` with its reason and acknowledged.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +61,7 @@ from fleetmesh.core.logging import get_logger
 log = get_logger(__name__)
 
 MAX_DELIVER = 5
+ACTIVE_TTL_S = 1.0
 RETRY_DELAYS_S = (0.5, 2.0, 5.0, 10.0)
 ACK_WAIT_S = 120.0
 FETCH_BATCH = 20
@@ -242,6 +246,7 @@ class StreamingDetection:
         self.checkpoint_every_s = checkpoint_every_s
         self._live: dict[tuple[str, str], _Live] = {}
         self._models: dict[str, _ModelFacts] = {}
+        self._active: tuple[float, list[Deployment]] | None = None
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
 
@@ -320,13 +325,26 @@ class StreamingDetection:
         async with self._lock:
             await self._score(event, device_id, deployments, series)
 
+    def deployments_changed(self) -> None:
+        """A deployment was made or removed in this process: read them again at once."""
+        self._active = None
+
+    async def _active_deployments(self) -> list[Deployment]:
+        """The active deployments, read at most once per `ACTIVE_TTL_S` (per event is costly
+        when every device reports: changes made by another process show within that time)."""
+        now = time.monotonic()
+        if self._active is None or now - self._active[0] >= ACTIVE_TTL_S:
+            async with self.database.session() as session:
+                active = await SqlAnalyticsRepository(session).list_deployments(
+                    status=DeploymentStatus.active
+                )
+            self._active = (now, active)
+        return self._active[1]
+
     async def _matching(
         self, device_id: str, metrics: set[str], received: datetime | None
     ) -> list[Deployment]:
-        async with self.database.session() as session:
-            active = await SqlAnalyticsRepository(session).list_deployments(
-                status=DeploymentStatus.active
-            )
+        active = await self._active_deployments()
         active_ids = {d.id for d in active}
         for key in [key for key in self._live if key[0] not in active_ids]:
             del self._live[key]

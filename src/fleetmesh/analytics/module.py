@@ -46,6 +46,7 @@ def create_module(deps: Deps) -> Module:
         reader=reader,
         pool=pool,
         clock=deps.clock,
+        on_deployments_changed=streaming.deployments_changed,
     )
     jobs = TrainingJobs(
         uow_factory=uow_factory,

@@ -506,6 +506,7 @@ class MqttTelemetryConsumer:
         self._stream_epoch_ms = 0
         self._subscription: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._completing: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._busy = False
 
@@ -532,7 +533,7 @@ class MqttTelemetryConsumer:
         log.info("mqtt_telemetry_consumer_started", stream=DEVICES_IN_STREAM)
 
     async def stop(self, *, timeout: float = 5.0) -> None:
-        """Finish the batch in hand, then stop (what is not acked is redelivered later)."""
+        """Finish the fetch in hand, then stop (what is not acked is redelivered later)."""
         self._stopping.set()
         task, self._task = self._task, None
         if task is not None:
@@ -542,57 +543,81 @@ class MqttTelemetryConsumer:
             if not done:
                 task.cancel()
                 await asyncio.wait({task})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._finish_previous(), timeout)
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
 
     async def _run(self) -> None:
+        """Fetch and validate the next messages while the previous ones are being stored."""
         while not self._stopping.is_set():
-            try:
-                messages = await self._subscription.fetch(self.batch, timeout=1.0)
-            except NatsTimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.warning("mqtt_telemetry_fetch_failed", error=repr(error))
-                await asyncio.sleep(1.0)
+            messages = await self._fetch()
+            if not messages:
                 continue
             self._busy = True
             try:
-                pause = await self.process(messages)
+                checked = await self.validate(messages)
+                await self._finish_previous()  # one transaction at a time, in stream order
+                self._completing = asyncio.create_task(self.complete(checked))
             finally:
                 self._busy = False
+            pause = _overload_pause(checked)
             if pause:
                 # Overloaded downstream: the batch was naked with a delay; fetching
                 # again at once would only pull the next messages into the same wall.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), pause)
 
-    async def process(self, messages: Sequence[JetStreamMessage]) -> float:
-        """Handle a fetch: validate every message, store the accepted ones together, settle.
+    async def _fetch(self) -> list[JetStreamMessage]:
+        try:
+            messages: list[JetStreamMessage] = await self._subscription.fetch(
+                self.batch, timeout=1.0
+            )
+            return messages
+        except NatsTimeoutError:
+            return []
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning("mqtt_telemetry_fetch_failed", error=repr(error))
+            await asyncio.sleep(1.0)
+            return []
 
-        Devices are validated side by side, each device's messages in stream order; the
-        points of all of them are stored in one transaction (one `collected` event per
-        device), and only then acked. Returns how long to pause before the next fetch (0
-        unless overloaded).
-        """
+    async def _finish_previous(self) -> None:
+        task, self._completing = self._completing, None
+        if task is None:
+            return
+        try:
+            await task
+        except Exception as error:  # settled messages stay unacked: redelivered later
+            log.warning("mqtt_telemetry_store_task_failed", error=repr(error))
+
+    async def process(self, messages: Sequence[JetStreamMessage]) -> float:
+        """Validate a fetch, store it, settle it; the pause before the next fetch (0 unless
+        overloaded)."""
+        checked = await self.validate(messages)
+        await self.complete(checked)
+        return _overload_pause(checked)
+
+    async def validate(self, messages: Sequence[JetStreamMessage]) -> list[Checked]:
+        """Devices side by side, each device's messages in stream order."""
         by_device: dict[str, list[JetStreamMessage]] = {}
         for message in messages:
             by_device.setdefault(message.subject, []).append(message)
         groups = await asyncio.gather(
             *(self._validate_in_order(group) for group in by_device.values())
         )
-        checked = [item for group in groups for item in group]
-        failures = await self._store([v for _, v in checked if isinstance(v, Validated)])
-        decisions = [await self._settle(message, v, failures) for message, v in checked]
-        delays = [d.delay_s for d in decisions if d.outcome == "overloaded"]
-        return min(max(delays), MAX_OVERLOAD_PAUSE_S) if delays else 0.0
+        return [item for group in groups for item in group]
 
-    async def _validate_in_order(
-        self, messages: list[JetStreamMessage]
-    ) -> list[tuple[JetStreamMessage, Decision | Validated]]:
+    async def complete(self, checked: list[Checked]) -> None:
+        """Store the accepted points of a fetch in one transaction, then ack or nak each."""
+        failures = await self._store([v for _, v in checked if isinstance(v, Validated)])
+        for message, verdict in checked:
+            await self._settle(message, verdict, failures)
+
+    async def _validate_in_order(self, messages: list[JetStreamMessage]) -> list[Checked]:
         return [(message, await self._validate(message)) for message in messages]
 
     async def _validate(self, message: JetStreamMessage) -> Decision | Validated:
@@ -647,6 +672,17 @@ class MqttTelemetryConsumer:
         except Exception as failure:
             log.warning("mqtt_telemetry_handling_failed", error=repr(failure))
             return Decision(Verdict.NAK, 2.0, "retry")
+
+
+Checked = tuple[JetStreamMessage, Decision | Validated]
+"""A fetched message and what validation made of it."""
+
+
+def _overload_pause(checked: list[Checked]) -> float:
+    delays = [
+        v.delay_s for _, v in checked if isinstance(v, Decision) and v.outcome == "overloaded"
+    ]
+    return min(max(delays), MAX_OVERLOAD_PAUSE_S) if delays else 0.0
 
 
 def _epoch_ms_of(created: object) -> int:
