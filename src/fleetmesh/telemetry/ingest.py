@@ -1,6 +1,6 @@
 """Ingestion: validate a batch for a device, make the accepted points durable, report per item.
 
-``Ingestor.ingest`` is the one entry point of every transport (HTTP here, MQTT elsewhere):
+``Ingestor.ingest`` is the entry point of HTTP:
 
 1. find the device and its type in the in-memory projection (no SQL on the hot path; a
    device registered a moment ago is waited for, up to ``projection_wait_s``);
@@ -10,6 +10,9 @@
    a new ULID (or one derived from the client's ``Idempotency-Key``, see
    ``message_id_for_client_key``), and return after the PubAck: acknowledged means durable;
 5. with ``wait_stored``, also wait until the writer committed it (queryable).
+
+MQTT messages are durable in ``DEVICES_IN`` already: the MQTT consumer uses only steps 1
+and 3 (``Ingestor.prepare``) and stores through the writer's ``BatchStore`` itself.
 
 Overload thresholds (live-tunable under the config service ``telemetry``):
 

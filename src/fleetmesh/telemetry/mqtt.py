@@ -52,7 +52,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -68,6 +67,7 @@ from fleetmesh.core.clock import epoch_ms, to_rfc3339
 from fleetmesh.core.errors import FleetmeshError, Overloaded
 from fleetmesh.core.logging import get_logger
 from fleetmesh.core.module import Deps
+from fleetmesh.telemetry.consumers import PullLoop
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.domain import Rejected
 from fleetmesh.telemetry.quarantine import QuarantineEntry
@@ -504,17 +504,29 @@ class MqttTelemetryConsumer:
         )
         self.outcomes: dict[str, int] = {}
         self._stream_epoch_ms = 0
-        self._subscription: Any = None
-        self._task: asyncio.Task[None] | None = None
         self._completing: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
-        self._busy = False
+        self.loop = PullLoop(
+            name="telemetry-mqtt-consumer",
+            subscribe=self._subscribe,
+            handle=self._handle,
+            max_messages=lambda: self.batch,
+        )
 
     async def start(self) -> None:
         await self.backbone.ensure_stream(devices_in_stream_config())
         info = await self.backbone.js.stream_info(DEVICES_IN_STREAM)
         self._stream_epoch_ms = _epoch_ms_of(getattr(info, "created", None))
-        self._subscription = await self.backbone.js.pull_subscribe(
+        await self.loop.start()
+        log.info("mqtt_telemetry_consumer_started", stream=DEVICES_IN_STREAM)
+
+    async def stop(self, *, timeout: float = 10.0) -> None:
+        """Finish the fetch in hand and its store, then stop (the rest is redelivered)."""
+        await self.loop.stop(timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._finish_previous(), timeout)
+
+    async def _subscribe(self) -> Any:
+        return await self.backbone.js.pull_subscribe(
             TELEMETRY_SUBJECTS,
             durable=CONSUMER_NAME,
             stream=DEVICES_IN_STREAM,
@@ -528,62 +540,17 @@ class MqttTelemetryConsumer:
                 filter_subject=TELEMETRY_SUBJECTS,
             ),
         )
-        self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name="telemetry-mqtt-consumer")
-        log.info("mqtt_telemetry_consumer_started", stream=DEVICES_IN_STREAM)
 
-    async def stop(self, *, timeout: float = 5.0) -> None:
-        """Finish the fetch in hand, then stop (what is not acked is redelivered later)."""
-        self._stopping.set()
-        task, self._task = self._task, None
-        if task is not None:
-            if not self._busy:
-                task.cancel()  # waiting for messages: nothing in hand
-            done, _ = await asyncio.wait({task}, timeout=timeout)
-            if not done:
-                task.cancel()
-                await asyncio.wait({task})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._finish_previous(), timeout)
-        subscription, self._subscription = self._subscription, None
-        if subscription is not None:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
-
-    async def _run(self) -> None:
-        """Fetch and validate the next messages while the previous ones are being stored."""
-        while not self._stopping.is_set():
-            messages = await self._fetch()
-            if not messages:
-                continue
-            self._busy = True
-            try:
-                checked = await self.validate(messages)
-                await self._finish_previous()  # one transaction at a time, in stream order
-                self._completing = asyncio.create_task(self.complete(checked))
-            finally:
-                self._busy = False
-            pause = _overload_pause(checked)
-            if pause:
-                # Overloaded downstream: the batch was naked with a delay; fetching
-                # again at once would only pull the next messages into the same wall.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), pause)
-
-    async def _fetch(self) -> list[JetStreamMessage]:
-        try:
-            messages: list[JetStreamMessage] = await self._subscription.fetch(
-                self.batch, timeout=1.0
-            )
-            return messages
-        except NatsTimeoutError:
-            return []
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            log.warning("mqtt_telemetry_fetch_failed", error=repr(error))
-            await asyncio.sleep(1.0)
-            return []
+    async def _handle(self, messages: list[Any]) -> None:
+        """Validate a fetch while the previous one is being stored, then store it."""
+        checked = await self.validate(messages)
+        await self._finish_previous()  # one transaction at a time, in stream order
+        self._completing = asyncio.create_task(self.complete(checked))
+        pause = _overload_pause(checked)
+        if pause:
+            # Overloaded downstream: the batch was naked with a delay; fetching
+            # again at once would only pull the next messages into the same wall.
+            await asyncio.sleep(pause)
 
     async def _finish_previous(self) -> None:
         task, self._completing = self._completing, None

@@ -235,3 +235,31 @@ async def test_devices_in_is_a_file_stream_of_device_telemetry(
         pytest.fail("the telemetry module did not create DEVICES_IN")
     assert info.config.subjects == ["devices.*.telemetry"]
     assert StorageType(info.config.storage) is StorageType.FILE
+
+
+async def test_restarting_the_mqtt_consumer_while_devices_publish_loses_and_duplicates_nothing(
+    platform: Platform, client: httpx.AsyncClient
+) -> None:
+    secrets = await register(client, "m-r")
+    consumer = platform.provided("telemetry_mqtt")
+    at = now_ms() - 60_000
+    published = 600
+
+    async def publish() -> None:
+        async with mqtt(platform, "m-r", secrets["m-r"]) as device:
+            for n in range(published):
+                value = float(n % 80)  # inside the type's range
+                await device.publish("devices/m-r/telemetry", point(value, at + n), qos=1)
+
+    async def restart() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0.1)
+            await consumer.stop()
+            await asyncio.sleep(0.05)
+            await consumer.start()
+
+    await asyncio.gather(publish(), restart())
+    points = await wait_stored(client, "m-r", published, timeout=30.0)
+    await asyncio.sleep(0.3)  # anything stored twice would show up by now
+    points = await stored(client, "m-r")
+    assert values_of(points) == sorted(float(n % 80) for n in range(published))
