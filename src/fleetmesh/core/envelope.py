@@ -8,6 +8,7 @@ and a subscription to `events.device.>` sees every device event.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -94,6 +95,7 @@ def event_from_dict(body: dict[str, Any]) -> CloudEvent:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def subject_for_type(event_type: str) -> str:
     """The NATS subject an event type is stored under."""
     name = event_type.removeprefix("fleetmesh.")

@@ -75,7 +75,11 @@ class SqlUnitOfWork:
 
     async def commit(self) -> None:
         if self._pending:
-            await self.session.execute(insert(outbox), [_outbox_row(e) for e in self._pending])
+            rows = [_outbox_row(e) for e in self._pending]
+            created_at = utcnow()  # once the rows are built: no row is stamped before its event
+            for row in rows:
+                row["created_at"] = created_at
+            await self.session.execute(insert(outbox), rows)
             self._pending.clear()
         await self.session.commit()
         if self._on_commit is not None:
@@ -91,7 +95,6 @@ def _outbox_row(event: CloudEvent) -> dict[str, object]:
         "event_id": event.id,
         "subject": event.nats_subject,
         "payload": event.to_json(),
-        "created_at": utcnow(),
         "published_at": None,
         "attempts": 0,
     }
