@@ -16,9 +16,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -41,6 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleetmesh.core.sqltypes import UtcDateTime
@@ -287,16 +289,8 @@ class SqlStatusRepository:
             rows.append(row)
         written: int | None = 0
         for columns, batch in groups.items():
-            statement = (
-                update(status_devices)
-                .where(status_devices.c.device_id == bindparam("b_device_id"))
-                .where(status_devices.c.version == bindparam("b_version"))
-                .values({name: bindparam(name) for name in columns})
-            )
-            rowcount = getattr(await self.session.execute(statement, batch), "rowcount", -1)
-            written = (
-                None if written is None or rowcount is None or rowcount < 0 else written + rowcount
-            )
+            rowcount = await self._executemany(_versioned_update(columns), batch)
+            written = None if written is None or rowcount < 0 else written + rowcount
         if written is not None and written != len(changed):
             raise ConcurrentUpdate(f"{len(changed) - written} status rows changed concurrently")
         for tracked, row in zip(changed, rows, strict=True):
@@ -306,8 +300,8 @@ class SqlStatusRepository:
 
     async def add_history(self, changes: Sequence[StatusChanged]) -> None:
         if changes:
-            await self.session.execute(
-                insert(status_history),
+            await self._executemany(
+                _HISTORY_INSERT,
                 [
                     {
                         "device_id": c.device_id,
@@ -321,6 +315,14 @@ class SqlStatusRepository:
                     for c in changes
                 ],
             )
+
+    async def _executemany(self, statement: _DriverStatement, rows: list[dict[str, Any]]) -> int:
+        """Run a statement once per row through the driver; the rows it changed (-1: unknown)."""
+        connection = await self.session.connection()
+        sql, to_parameters = statement.for_dialect(connection.dialect)
+        result = await connection.exec_driver_sql(sql, [to_parameters(row) for row in rows])
+        rowcount = getattr(result, "rowcount", -1)
+        return -1 if rowcount is None else int(rowcount)
 
     async def upsert_type(
         self, name: str, offline_timeout_s: float | None, expected_interval_s: float | None
@@ -700,6 +702,87 @@ def _device_row(tracked: TrackedDevice) -> dict[str, Any]:
         "registered_at": tracked.registered_at,
     }
 
+
+class _DriverStatement:
+    """A Core statement compiled once per dialect, run with the driver's own parameters.
+
+    The window writes are executemany of thousands of rows, where SQLAlchemy's
+    per-row parameter processing cost more than SQLite storing them; here a row
+    becomes the driver's tuple directly, with the one conversion our column
+    types make: `UtcDateTime` values as UTC (on SQLite in SQLAlchemy's text form).
+    """
+
+    def __init__(self, statement: Any, parameters: Sequence[str]) -> None:
+        self.statement = statement
+        self.parameters = tuple(parameters)
+        self._compiled: dict[str, tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
+
+    def for_dialect(
+        self, dialect: Dialect
+    ) -> tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]:
+        name = dialect.name
+        found = self._compiled.get(name)
+        if found is None:
+            compiled = self.statement.compile(dialect=dialect, column_keys=list(self.parameters))
+            order = tuple(compiled.positiontup or ())
+            if set(order) != set(self.parameters):
+                raise ValueError(f"statement parameters {order} are not {self.parameters}")
+            found = self._compiled[name] = (compiled.string, _row_to_tuple(order, name))
+        return found
+
+
+def _row_to_tuple(
+    order: tuple[str, ...], dialect: str
+) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    as_time = _sqlite_time if dialect == "sqlite" else _utc
+    converters = [as_time if name.removeprefix("b_") in _TIME_COLUMNS else None for name in order]
+    pairs = list(zip(order, converters, strict=True))
+
+    def to_tuple(row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            [row[name] if convert is None else convert(row[name]) for name, convert in pairs]
+        )
+
+    return to_tuple
+
+
+_TIME_COLUMNS = frozenset(
+    column.name
+    for table in (status_devices, status_history)
+    for column in table.c
+    if isinstance(column.type, UtcDateTime)
+)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
+    return moment.astimezone(UTC)
+
+
+def _sqlite_time(moment: datetime | None) -> str | None:
+    """What `UtcDateTime` stores on SQLite: the UTC time as `YYYY-MM-DD HH:MM:SS.ffffff`."""
+    utc = _utc(moment)
+    return None if utc is None else utc.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+@functools.cache
+def _versioned_update(columns: tuple[str, ...]) -> _DriverStatement:
+    """Set these columns of one status row, if its version is still the one loaded."""
+    statement = (
+        update(status_devices)
+        .where(status_devices.c.device_id == bindparam("b_device_id"))
+        .where(status_devices.c.version == bindparam("b_version"))
+        .values({name: bindparam(name) for name in columns})
+    )
+    return _DriverStatement(statement, (*columns, "b_device_id", "b_version"))
+
+
+_HISTORY_INSERT = _DriverStatement(
+    insert(status_history), tuple(column.name for column in status_history.c)
+)
 
 _FIXED_COLUMNS = frozenset({"device_id", "registered_at"})
 _UPDATABLE_COLUMNS = tuple(c.name for c in status_devices.c if c.name not in _FIXED_COLUMNS)
