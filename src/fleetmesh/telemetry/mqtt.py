@@ -88,6 +88,9 @@ MAX_ATTEMPTS = 10
 MAX_BACKOFF_S = 60.0
 MAX_OVERLOAD_PAUSE_S = 5.0
 REMEMBERED = 100_000
+DRAIN_S = 0.25
+YIELD_EVERY = 16
+"""How long a fetch may take to receive what is pending (about 20 µs a message)."""
 
 POINTS_REJECTED = "points_rejected"
 PROCESSING_FAILED = "processing_failed"
@@ -510,6 +513,7 @@ class MqttTelemetryConsumer:
             subscribe=self._subscribe,
             handle=self._handle,
             max_messages=lambda: self.batch,
+            drain_s=DRAIN_S,
         )
 
     async def start(self) -> None:
@@ -585,7 +589,12 @@ class MqttTelemetryConsumer:
             await self._settle(message, verdict, failures)
 
     async def _validate_in_order(self, messages: list[JetStreamMessage]) -> list[Checked]:
-        return [(message, await self._validate(message)) for message in messages]
+        checked: list[Checked] = []
+        for message in messages:
+            checked.append((message, await self._validate(message)))
+            if len(checked) % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let the previous fetch's store make progress
+        return checked
 
     async def _validate(self, message: JetStreamMessage) -> Decision | Validated:
         try:
