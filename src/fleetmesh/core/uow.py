@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleetmesh.core.bulk import DriverStatement, executemany
 from fleetmesh.core.clock import utcnow
 from fleetmesh.core.database import Database
 from fleetmesh.core.envelope import CloudEvent
@@ -79,7 +80,7 @@ class SqlUnitOfWork:
             created_at = utcnow()  # once the rows are built: no row is stamped before its event
             for row in rows:
                 row["created_at"] = created_at
-            await self.session.execute(insert(outbox), rows)
+            await executemany(self.session, _OUTBOX_INSERT, rows)
             self._pending.clear()
         await self.session.commit()
         if self._on_commit is not None:
@@ -90,7 +91,13 @@ class SqlUnitOfWork:
         await self.session.rollback()
 
 
-def _outbox_row(event: CloudEvent) -> dict[str, object]:
+_OUTBOX_INSERT = DriverStatement(
+    insert(outbox),
+    ("event_id", "subject", "payload", "created_at", "published_at", "attempts"),
+)
+
+
+def _outbox_row(event: CloudEvent) -> dict[str, Any]:
     return {
         "event_id": event.id,
         "subject": event.nats_subject,

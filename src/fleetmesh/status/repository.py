@@ -17,10 +17,10 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -42,9 +42,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleetmesh.core.bulk import DriverQuery, DriverStatement, executemany, fetch
 from fleetmesh.core.sqltypes import UtcDateTime
 from fleetmesh.status.domain import (
     MAX_OFFLINE_TIMEOUT_S,
@@ -215,6 +215,48 @@ _JOINED = status_devices.outerjoin(
 )
 
 
+class _TrackedRow(NamedTuple):
+    """A row of `_TRACKED_COLUMNS`, as `tracked_from_row` reads it."""
+
+    device_id: str
+    type_name: str | None
+    status: str
+    cause: str
+    since: datetime
+    last_update: datetime
+    last_seen: datetime | None
+    sequence: int
+    version: int
+    timeout_override_s: float | None
+    mqtt_connected: bool
+    check_attempt: int
+    next_check_at: datetime | None
+    quality_recent: float | None
+    registered_at: datetime
+    type_timeout_s: float | None
+    expected_interval_s: float | None
+
+
+def _padded_size(count: int) -> int:
+    """Reads are compiled for powers of two ids (a handful of statements, not one per count)."""
+    return 1 << max(0, count - 1).bit_length()
+
+
+@functools.cache
+def _locked_select(size: int) -> DriverQuery:
+    """The tracked devices among `size` ids, locked for update (PostgreSQL; SQLite has
+    one writer at a time)."""
+    names = [f"id_{index}" for index in range(size)]
+    statement = (
+        select(*_TRACKED_COLUMNS)
+        .select_from(_JOINED)
+        .where(status_devices.c.device_id.in_([bindparam(name) for name in names]))
+        .order_by(status_devices.c.device_id)
+        .with_for_update(of=status_devices)
+    )
+    return DriverQuery(statement, names)
+
+
 class SqlStatusRepository:
     """Writes and locked reads inside one unit of work."""
 
@@ -230,16 +272,10 @@ class SqlStatusRepository:
         """The tracked devices among these ids, locked for update on PostgreSQL."""
         found: dict[str, TrackedDevice] = {}
         for chunk in _chunks(sorted(set(device_ids)), _LOAD_CHUNK):
-            statement = (
-                select(*_TRACKED_COLUMNS)
-                .select_from(_JOINED)
-                .where(status_devices.c.device_id.in_(chunk))
-                .order_by(status_devices.c.device_id)
-            )
-            if self.dialect == "postgresql":
-                statement = statement.with_for_update(of=status_devices)
-            for row in (await self.session.execute(statement)).all():
-                tracked = tracked_from_row(row, default_timeout_s)
+            size = _padded_size(len(chunk))
+            padded = [*chunk, *[chunk[-1]] * (size - len(chunk))]  # repeats match nothing new
+            for values in await fetch(self.session, _locked_select(size), padded):
+                tracked = tracked_from_row(_TrackedRow(*values), default_timeout_s)
                 found[tracked.device_id] = tracked
         return found
 
@@ -289,7 +325,7 @@ class SqlStatusRepository:
             rows.append(row)
         written: int | None = 0
         for columns, batch in groups.items():
-            rowcount = await self._executemany(_versioned_update(columns), batch)
+            rowcount = await executemany(self.session, _versioned_update(columns), batch)
             written = None if written is None or rowcount < 0 else written + rowcount
         if written is not None and written != len(changed):
             raise ConcurrentUpdate(f"{len(changed) - written} status rows changed concurrently")
@@ -300,7 +336,8 @@ class SqlStatusRepository:
 
     async def add_history(self, changes: Sequence[StatusChanged]) -> None:
         if changes:
-            await self._executemany(
+            await executemany(
+                self.session,
                 _HISTORY_INSERT,
                 [
                     {
@@ -315,14 +352,6 @@ class SqlStatusRepository:
                     for c in changes
                 ],
             )
-
-    async def _executemany(self, statement: _DriverStatement, rows: list[dict[str, Any]]) -> int:
-        """Run a statement once per row through the driver; the rows it changed (-1: unknown)."""
-        connection = await self.session.connection()
-        sql, to_parameters = statement.for_dialect(connection.dialect)
-        result = await connection.exec_driver_sql(sql, [to_parameters(row) for row in rows])
-        rowcount = getattr(result, "rowcount", -1)
-        return -1 if rowcount is None else int(rowcount)
 
     async def upsert_type(
         self, name: str, offline_timeout_s: float | None, expected_interval_s: float | None
@@ -703,73 +732,8 @@ def _device_row(tracked: TrackedDevice) -> dict[str, Any]:
     }
 
 
-class _DriverStatement:
-    """A Core statement compiled once per dialect, run with the driver's own parameters.
-
-    The window writes are executemany of thousands of rows, where SQLAlchemy's
-    per-row parameter processing cost more than SQLite storing them; here a row
-    becomes the driver's tuple directly, with the one conversion our column
-    types make: `UtcDateTime` values as UTC (on SQLite in SQLAlchemy's text form).
-    """
-
-    def __init__(self, statement: Any, parameters: Sequence[str]) -> None:
-        self.statement = statement
-        self.parameters = tuple(parameters)
-        self._compiled: dict[str, tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
-
-    def for_dialect(
-        self, dialect: Dialect
-    ) -> tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]:
-        name = dialect.name
-        found = self._compiled.get(name)
-        if found is None:
-            compiled = self.statement.compile(dialect=dialect, column_keys=list(self.parameters))
-            order = tuple(compiled.positiontup or ())
-            if set(order) != set(self.parameters):
-                raise ValueError(f"statement parameters {order} are not {self.parameters}")
-            found = self._compiled[name] = (compiled.string, _row_to_tuple(order, name))
-        return found
-
-
-def _row_to_tuple(
-    order: tuple[str, ...], dialect: str
-) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
-    as_time = _sqlite_time if dialect == "sqlite" else _utc
-    converters = [as_time if name.removeprefix("b_") in _TIME_COLUMNS else None for name in order]
-    pairs = list(zip(order, converters, strict=True))
-
-    def to_tuple(row: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(
-            [row[name] if convert is None else convert(row[name]) for name, convert in pairs]
-        )
-
-    return to_tuple
-
-
-_TIME_COLUMNS = frozenset(
-    column.name
-    for table in (status_devices, status_history)
-    for column in table.c
-    if isinstance(column.type, UtcDateTime)
-)
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
-    return moment.astimezone(UTC)
-
-
-def _sqlite_time(moment: datetime | None) -> str | None:
-    """What `UtcDateTime` stores on SQLite: the UTC time as `YYYY-MM-DD HH:MM:SS.ffffff`."""
-    utc = _utc(moment)
-    return None if utc is None else utc.replace(tzinfo=None).isoformat(" ", "microseconds")
-
-
 @functools.cache
-def _versioned_update(columns: tuple[str, ...]) -> _DriverStatement:
+def _versioned_update(columns: tuple[str, ...]) -> DriverStatement:
     """Set these columns of one status row, if its version is still the one loaded."""
     statement = (
         update(status_devices)
@@ -777,10 +741,10 @@ def _versioned_update(columns: tuple[str, ...]) -> _DriverStatement:
         .where(status_devices.c.version == bindparam("b_version"))
         .values({name: bindparam(name) for name in columns})
     )
-    return _DriverStatement(statement, (*columns, "b_device_id", "b_version"))
+    return DriverStatement(statement, (*columns, "b_device_id", "b_version"))
 
 
-_HISTORY_INSERT = _DriverStatement(
+_HISTORY_INSERT = DriverStatement(
     insert(status_history), tuple(column.name for column in status_history.c)
 )
 
