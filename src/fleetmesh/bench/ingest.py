@@ -88,7 +88,7 @@ class Sizes:
             http_batches=options.pick(40, 3),
             latency_requests=options.pick(300, 20),
             mqtt_devices=options.pick(20, 4),
-            mqtt_messages=options.pick(500, 50),
+            mqtt_messages=options.pick(1_500, 50),
             stall_s=options.pick(60, 20),
         )
 

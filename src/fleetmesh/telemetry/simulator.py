@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 import httpx
 
+from fleetmesh.core.ids import new_id
 from fleetmesh.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -418,15 +419,21 @@ class HttpSender:
         self.give_up_s = give_up_s
 
     async def send(self, device_id: str, secret: str, items: list[dict[str, Any]]) -> None:
+        """Post one batch until it is settled; every resend carries the same bytes and
+        `Idempotency-Key`, so a batch accepted before a lost answer is stored once."""
         points = _points(items)
+        body = json.dumps(items).encode()
+        headers = {
+            "Authorization": basic_auth(device_id, secret),
+            "Content-Type": "application/json",
+            "Idempotency-Key": new_id(),
+        }
         deadline = time.monotonic() + self.give_up_s
         delay = 0.2
         while True:
             try:
                 answer = await self.http.post(
-                    f"/api/v1/devices/{device_id}/telemetry",
-                    json=items,
-                    headers={"Authorization": basic_auth(device_id, secret)},
+                    f"/api/v1/devices/{device_id}/telemetry", content=body, headers=headers
                 )
             except httpx.HTTPError as error:
                 retry_after = delay
