@@ -10,6 +10,10 @@ SQLite in the text form SQLAlchemy stores (`YYYY-MM-DD HH:MM:SS.ffffff`). Only
 plain column types are accepted, so nothing else would need converting.
 A `DriverQuery` reads rows the same way: tuples in the order of its columns,
 `UtcDateTime` values read back as aware UTC datetimes, booleans as `bool`.
+
+On SQLite, whose driver runs each connection in a thread that needs the GIL back
+after every statement step, a batch takes few steps: hundreds of rows per
+insert or update statement, and a query's rows come back as one JSON row.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from sqlalchemy import BigInteger, Boolean, Float, Integer, LargeBinary, String
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from fleetmesh.core.sqltypes import UtcDateTime
 
@@ -28,6 +33,9 @@ RowToParameters = Callable[[dict[str, Any]], tuple[Any, ...]]
 RowFromDriver = Callable[[Sequence[Any]], tuple[Any, ...]]
 
 _PLAIN_TYPES = (String, Integer, BigInteger, Float, Boolean, LargeBinary)
+_SQLITE_ROWS_PER_STATEMENT = 500
+_SQLITE_MAX_PARAMETERS = 32_000
+"""SQLite allows 32,766 parameters per statement (since 3.32)."""
 
 
 class DriverStatement:
@@ -37,6 +45,14 @@ class DriverStatement:
         self.statement = statement
         self.parameters = tuple(parameters)
         self._compiled: dict[str, tuple[str, RowToParameters]] = {}
+        self._many_rows: dict[int, str] = {}
+
+    def sqlite_for_rows(self, single_row_sql: str, rows: int) -> str:
+        """One SQLite statement doing what `single_row_sql` does for each of `rows` rows."""
+        found = self._many_rows.get(rows)
+        if found is None:
+            found = self._many_rows[rows] = _many_rows_sql(single_row_sql, rows)
+        return found
 
     def for_dialect(self, dialect: Dialect) -> tuple[str, RowToParameters]:
         """The SQL text and the row converter of this dialect (compiled on first use)."""
@@ -46,7 +62,7 @@ class DriverStatement:
             order = tuple(compiled.positiontup or ())
             if set(order) != set(self.parameters):
                 raise ValueError(f"statement parameters {order} are not {self.parameters}")
-            as_time = sqlite_time if dialect.name == "sqlite" else utc_time
+            as_time = _remembering_last(sqlite_time if dialect.name == "sqlite" else utc_time)
             converters = [_converter(name, compiled.binds[name].type, as_time) for name in order]
             found = (compiled.string, _row_converter(list(zip(order, converters, strict=True))))
             self._compiled[dialect.name] = found
@@ -62,7 +78,53 @@ async def executemany(
         return 0
     connection = await session.connection()
     sql, to_parameters = statement.for_dialect(connection.dialect)
+    if connection.dialect.name == "sqlite":
+        return await _sqlite_many_rows(connection, statement, sql, [to_parameters(r) for r in rows])
     result = await connection.exec_driver_sql(sql, [to_parameters(row) for row in rows])
+    return _rowcount(result)
+
+
+async def _sqlite_many_rows(
+    connection: AsyncConnection,
+    statement: DriverStatement,
+    sql: str,
+    rows: list[tuple[Any, ...]],
+) -> int:
+    """On SQLite, many rows per statement: its driver runs in a thread of its own and
+    needs the GIL back after every statement step, which a busy event loop hands over
+    only every switch interval (5 ms), so an executemany of thousands of rows could
+    take seconds; a statement for hundreds of rows takes one step."""
+    per_statement = max(1, min(_SQLITE_ROWS_PER_STATEMENT, _SQLITE_MAX_PARAMETERS // len(rows[0])))
+    changed = 0
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        parameters = tuple([value for row in chunk for value in row])
+        result = await connection.exec_driver_sql(
+            statement.sqlite_for_rows(sql, len(chunk)), parameters
+        )
+        rowcount = _rowcount(result)
+        changed = -1 if changed < 0 or rowcount < 0 else changed + rowcount
+    return changed
+
+
+def _many_rows_sql(sql: str, rows: int) -> str:
+    """`INSERT ... VALUES (?, ?)` for many rows, or `UPDATE t SET a=? WHERE b = ?` as an
+    update from a list of values (`UPDATE t SET a=v.column1 FROM (VALUES ...) AS v WHERE
+    b = v.column2`; not a `WITH`, after which the driver reports no row count)."""
+    count = sql.count("?")
+    placeholders = "(" + ", ".join(["?"] * count) + ")"
+    values = ", ".join([placeholders] * rows)
+    if sql.startswith("INSERT ") and sql.endswith(f" VALUES {placeholders}"):
+        return sql.removesuffix(placeholders) + values
+    if sql.startswith("UPDATE ") and sql.count(" WHERE ") == 1 and "'" not in sql:
+        pieces = sql.split("?")
+        named = "".join(f"{piece}v.column{index}" for index, piece in enumerate(pieces[:-1], 1))
+        assignments, condition = (named + pieces[-1]).split(" WHERE ")
+        return f"{assignments} FROM (VALUES {values}) AS v WHERE {condition}"
+    raise ValueError(f"no many-rows form for {sql!r}")
+
+
+def _rowcount(result: Any) -> int:
     rowcount = getattr(result, "rowcount", -1)
     return -1 if rowcount is None else int(rowcount)
 
@@ -88,9 +150,21 @@ class DriverQuery:
                 _reader(column.name, column.type, dialect.name)
                 for column in self.statement.selected_columns
             ]
-            found = (compiled.string, places, _row_reader(readers))
+            sql = compiled.string
+            if dialect.name == "sqlite":
+                sql = _as_one_json_row(sql, [c.name for c in self.statement.selected_columns])
+            found = (sql, places, _row_reader(readers))
             self._compiled[dialect.name] = found
         return found
+
+
+def _as_one_json_row(sql: str, columns: list[str]) -> str:
+    """On SQLite, all rows as one JSON array of arrays: one statement step, not one per
+    row (see `_sqlite_many_rows` for why steps are dear)."""
+    if len(set(columns)) != len(columns) or any('"' in name for name in columns):
+        raise ValueError(f"columns {columns} cannot be read by name")
+    values = ", ".join(f'"{name}"' for name in columns)
+    return f"SELECT json_group_array(json_array({values})) FROM ({sql})"
 
 
 async def fetch(
@@ -100,6 +174,8 @@ async def fetch(
     connection = await session.connection()
     sql, places, from_driver = query.for_dialect(connection.dialect)
     result = await connection.exec_driver_sql(sql, tuple([parameters[i] for i in places]))
+    if connection.dialect.name == "sqlite":
+        return [from_driver(row) for row in msgspec.json.decode(result.scalar_one())]
     return [from_driver(row) for row in result.all()]
 
 
@@ -156,6 +232,21 @@ def _converter(
     if isinstance(column_type, _PLAIN_TYPES):
         return None
     raise TypeError(f"parameter {name!r}: {column_type!r} is not a plain column type")
+
+
+def _remembering_last(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`convert`, answering at once when given the same object again: a row's times are
+    often one object (a transition's `since` and `last_update`), a batch's too (`created_at`)."""
+    last: list[Any] = [None, None]
+
+    def converted(value: Any) -> Any:
+        if value is last[0] and value is not None:
+            return last[1]
+        result = convert(value)
+        last[0], last[1] = value, result
+        return result
+
+    return converted
 
 
 def _row_converter(

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from fleetmesh.core.bulk import DriverQuery, DriverStatement, sqlite_time, utc_time
+from fleetmesh.core.bulk import (
+    DriverQuery,
+    DriverStatement,
+    executemany,
+    fetch,
+    sqlite_time,
+    utc_time,
+)
 from fleetmesh.core.sqltypes import UtcDateTime
 
 MOMENTS = [
@@ -57,3 +76,33 @@ def test_a_query_reads_times_back_as_aware_utc() -> None:
     row = from_driver(("a", 2, "2026-01-02 03:04:05.678901"))
     assert row == ("a", 2, MOMENTS[0])
     assert row[2].tzinfo is UTC
+
+
+async def test_on_sqlite_batches_of_rows_are_stored_updated_and_read_back(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'bulk.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(_table.metadata.create_all)
+    rows = [{"id": f"t{i:04d}", "count": i, "at": MOMENTS[i % 3]} for i in range(1_200)]
+    bump = DriverStatement(
+        update(_table)
+        .where(_table.c.id == bindparam("b_id"))
+        .where(_table.c.count == bindparam("b_count"))
+        .values(count=bindparam("count")),
+        ("count", "b_id", "b_count"),
+    )
+    query = DriverQuery(select(_table).where(_table.c.count >= bindparam("least")), ("least",))
+    async with AsyncSession(engine) as session:
+        assert (
+            await executemany(session, DriverStatement(insert(_table), ("id", "count", "at")), rows)
+            == 1_200
+        )
+        bumps = [
+            {"b_id": r["id"], "b_count": r["count"], "count": r["count"] + 10_000} for r in rows
+        ]
+        bumps.append({"b_id": "t0001", "b_count": 1, "count": 0})  # already moved: no row
+        assert await executemany(session, bump, bumps) == 1_200
+        await session.commit()
+        read = await fetch(session, query, (10_000,))
+    await engine.dispose()
+    assert len(read) == 1_200
+    assert sorted(read)[1] == ("t0001", 10_001, MOMENTS[1])
