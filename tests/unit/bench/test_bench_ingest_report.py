@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fleetmesh.bench import BENCHES, events, ingest
-from fleetmesh.bench.ingest import Ceilings, Sizes, StoreRun, fill
+from fleetmesh.bench.ingest import PIPE_LIMIT, Ceilings, Sizes, StoreRun, fill
 from fleetmesh.bench.ingest_load import Throughput
 from fleetmesh.bench.report import BenchOptions, BenchReport, Result
 
@@ -53,9 +53,7 @@ def test_each_store_is_set_against_its_raw_driver_and_mqtt_against_the_pipe() ->
     mqtt = results[
         "MQTT QoS 1 one-point messages, PostgreSQL, 20 devices: msgs/s published -> stored"
     ]
-    assert mqtt.limit_name == (
-        "plain paho -> MQTT listener -> paho QoS 1 pipe msgs/s (target ratio >= 1)"
-    )
+    assert mqtt.limit_name == f"{PIPE_LIMIT} (target ratio >= 1)"
     assert mqtt.ratio == pytest.approx(1.5)
     lost = "MQTT QoS 1 one-point messages, SQLite, 20 devices: points lost (PUBACKed - stored)"
     assert results[lost].value == 2.0
@@ -66,7 +64,7 @@ def test_each_store_is_set_against_its_raw_driver_and_mqtt_against_the_pipe() ->
         51.0, abs=1.0
     )
     assert results["raw PostgreSQL COPY into telemetry_points rows/s"].value == 400_000.0
-    assert results["plain paho -> MQTT listener -> paho QoS 1 pipe msgs/s"].value == 2000.0
+    assert results[PIPE_LIMIT].value == 2000.0
 
 
 def test_without_postgresql_its_rows_say_why_they_were_skipped() -> None:
