@@ -732,7 +732,7 @@ def _device_row(tracked: TrackedDevice) -> dict[str, Any]:
     }
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def _versioned_update(columns: tuple[str, ...]) -> DriverStatement:
     """Set these columns of one status row, if its version is still the one loaded."""
     statement = (
