@@ -67,6 +67,7 @@ from fleetmesh.core.clock import epoch_ms, to_rfc3339
 from fleetmesh.core.errors import FleetmeshError, Overloaded
 from fleetmesh.core.logging import get_logger
 from fleetmesh.core.module import Deps
+from fleetmesh.core.pull import BatchPull
 from fleetmesh.telemetry.consumers import PullLoop
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.domain import Rejected
@@ -88,9 +89,7 @@ MAX_ATTEMPTS = 10
 MAX_BACKOFF_S = 60.0
 MAX_OVERLOAD_PAUSE_S = 5.0
 REMEMBERED = 100_000
-DRAIN_S = 0.25
 YIELD_EVERY = 16
-"""How long a fetch may take to receive what is pending (about 20 µs a message)."""
 
 POINTS_REJECTED = "points_rejected"
 PROCESSING_FAILED = "processing_failed"
@@ -513,7 +512,6 @@ class MqttTelemetryConsumer:
             subscribe=self._subscribe,
             handle=self._handle,
             max_messages=lambda: self.batch,
-            drain_s=DRAIN_S,
         )
 
     async def start(self) -> None:
@@ -529,20 +527,18 @@ class MqttTelemetryConsumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._finish_previous(), timeout)
 
-    async def _subscribe(self) -> Any:
-        return await self.backbone.js.pull_subscribe(
-            TELEMETRY_SUBJECTS,
-            durable=CONSUMER_NAME,
-            stream=DEVICES_IN_STREAM,
-            config=ConsumerConfig(
-                durable_name=CONSUMER_NAME,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=ACK_WAIT_S,
-                max_deliver=-1,
-                max_ack_pending=10_000,
-                filter_subject=TELEMETRY_SUBJECTS,
-            ),
+    async def _subscribe(self) -> BatchPull:
+        config = ConsumerConfig(
+            durable_name=CONSUMER_NAME,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ACK_WAIT_S,
+            max_deliver=-1,
+            max_ack_pending=10_000,
+            filter_subject=TELEMETRY_SUBJECTS,
+        )
+        return await BatchPull.subscribe(
+            self.backbone.nc, self.backbone.js, DEVICES_IN_STREAM, config
         )
 
     async def _handle(self, messages: list[Any]) -> None:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 from nats.aio.msg import Msg
@@ -40,6 +40,7 @@ from fleetmesh.core.backbone import Backbone
 from fleetmesh.core.clock import Clock
 from fleetmesh.core.database import Database
 from fleetmesh.core.logging import get_logger
+from fleetmesh.core.pull import BatchPull
 from fleetmesh.telemetry import contracts
 from fleetmesh.telemetry.consumers import (
     MAX_DELIVER,
@@ -210,12 +211,10 @@ class TelemetryWriter:
     async def stop(self) -> None:
         await self.loop.stop()
 
-    async def _subscribe(self) -> Any:
-        return await self.backbone.js.pull_subscribe(
-            contracts.INGEST_SUBJECT_PREFIX + ">",
-            durable=WRITER_DURABLE,
-            stream=contracts.TELEMETRY_STREAM,
-            config=writer_consumer_config(),
+    async def _subscribe(self) -> BatchPull:
+        backbone = self.backbone
+        return await BatchPull.subscribe(
+            backbone.nc, backbone.js, contracts.TELEMETRY_STREAM, writer_consumer_config()
         )
 
     async def handle(self, messages: list[Msg]) -> None:
