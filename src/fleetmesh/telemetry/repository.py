@@ -21,12 +21,13 @@ from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.tables import (
     POINT_COLUMNS,
     ROLLUP_BUCKET_MS,
-    SQLITE_INSERT_POINTS,
+    SQLITE_POINTS_PER_STATEMENT,
     PointRow,
     chunks,
     dialect_of,
     insert_for,
     rowcount,
+    sqlite_insert_points,
     telemetry_batches,
     telemetry_device_types,
     telemetry_devices,
@@ -215,7 +216,13 @@ class PointStore:
         return set((await self.session.execute(statement, rows)).scalars())
 
     async def insert_points(self, rows: Sequence[PointRow]) -> None:
-        """One INSERT for many rows: SQLite ``executemany``, PostgreSQL binary ``COPY``."""
+        """Many rows per statement: SQLite inserts of hundreds of rows, PostgreSQL binary
+        ``COPY``.
+
+        On SQLite the driver thread needs the GIL back after every statement step, which a
+        busy event loop hands over only every switch interval: one row per step
+        (``executemany``) lets HTTP handling stall the writer row by row.
+        """
         if not rows:
             return
         connection = await self.session.connection()
@@ -227,8 +234,11 @@ class PointStore:
                 "telemetry_points", records=rows, columns=list(POINT_COLUMNS)
             )
             return
-        cursor = await raw.executemany(SQLITE_INSERT_POINTS, rows)
-        await cursor.close()
+        for start in range(0, len(rows), SQLITE_POINTS_PER_STATEMENT):
+            chunk = rows[start : start + SQLITE_POINTS_PER_STATEMENT]
+            parameters = [value for row in chunk for value in row]
+            cursor = await raw.execute(sqlite_insert_points(len(chunk)), parameters)
+            await cursor.close()
 
     async def upsert_latest(self, rows: Iterable[LatestRow]) -> None:
         values = [
