@@ -28,6 +28,14 @@ def new_id() -> str:
     )
 
 
+def ulid_of(milliseconds: int, entropy: bytes) -> str:
+    """The ULID of a given time (48 bits) and entropy (the first 80 bits are used)."""
+    random_bits = int.from_bytes(entropy[:10])
+    return _time_part(milliseconds & 0xFFFF_FFFF_FFFF) + "".join(
+        [_PAIRS[random_bits >> shift & 0x3FF] for shift in _RANDOM_SHIFTS]
+    )
+
+
 def _time_part(milliseconds: int) -> str:
     """The 10 characters of a millisecond timestamp (48 bits, 2 leading zero bits)."""
     global _time_prefix

@@ -212,6 +212,25 @@ def _not_finite() -> _Fault:
 # --------------------------------------------------------------------------- the checker
 
 
+_RULES_KEPT: Final = 256
+_KeptRules = tuple[TelemetrySchema, ValidationPolicy, dict[str, "_MetricRule"]]
+_rules_cache: dict[tuple[int, int], _KeptRules] = {}
+
+
+def _rules_of(schema: TelemetrySchema, policy: ValidationPolicy) -> dict[str, _MetricRule]:
+    """The rules of a schema under a policy, computed once per pair of those objects (a
+    one-point MQTT message would otherwise spend a tenth of its validation on them)."""
+    key = (id(schema), id(policy))
+    kept = _rules_cache.get(key)
+    if kept is not None and kept[0] is schema and kept[1] is policy:
+        return kept[2]
+    rules = {name: _MetricRule.of(spec, policy) for name, spec in schema.metrics.items()}
+    if len(_rules_cache) >= _RULES_KEPT:
+        _rules_cache.clear()
+    _rules_cache[key] = (schema, policy, rules)
+    return rules
+
+
 class _Checker:
     """Checks one point at a time against limits computed once per batch."""
 
@@ -226,7 +245,7 @@ class _Checker:
     )
 
     def __init__(self, schema: TelemetrySchema, policy: ValidationPolicy, now_ms: int) -> None:
-        self.rules = {name: _MetricRule.of(spec, policy) for name, spec in schema.metrics.items()}
+        self.rules = _rules_of(schema, policy)
         self.policy = policy
         self.now_ms = now_ms
         self.future_limit = now_ms + policy.max_future_skew_ms

@@ -60,11 +60,11 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from ulid import ULID
 
 from fleetmesh.core.backbone import Backbone
 from fleetmesh.core.clock import epoch_ms, to_rfc3339
 from fleetmesh.core.errors import FleetmeshError, Overloaded
+from fleetmesh.core.ids import ulid_of
 from fleetmesh.core.logging import get_logger
 from fleetmesh.core.module import Deps
 from fleetmesh.core.pull import BatchPull
@@ -242,9 +242,8 @@ class Delivery:
         hash of the message key, so the ingestor's per-message idempotency
         (`Nats-Msg-Id`, the writer's batch table) recognises a redelivery.
         """
-        digest = hashlib.sha256(self.message_key.encode()).digest()[:10]
-        stamp = max(0, self.received_at_ms) & 0xFFFF_FFFF_FFFF
-        return str(ULID.from_bytes(stamp.to_bytes(6, "big") + digest))
+        digest = hashlib.sha256(self.message_key.encode()).digest()
+        return ulid_of(max(0, self.received_at_ms), digest)
 
 
 @dataclass
