@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleetmesh.core.backbone import Backbone
+from fleetmesh.core.backbone import Backbone, OrderedPublish
 from fleetmesh.core.clock import utcnow
 from fleetmesh.core.database import Database
 from fleetmesh.core.logging import get_logger
@@ -28,8 +28,8 @@ from fleetmesh.core.tables import outbox
 log = get_logger(__name__)
 
 BATCH_SIZE = 500
-PIPELINE = 100
-"""Publishes awaiting their PubAck at once: one round trip per 100 events, not per event."""
+PIPELINE = 500
+"""Publishes awaiting their PubAck at once: one round trip per 500 events, not per event."""
 MAX_BACKOFF_S = 5.0
 KEEP_PUBLISHED = timedelta(hours=1)
 
@@ -131,18 +131,12 @@ class OutboxRelay:
         """Publish rows without waiting for each PubAck in turn; returns the seqs of the
         leading rows that were stored (after a failure, the rest are published again next
         time, and JetStream drops those it already has)."""
-        # Tasks start in creation order and each writes its message before its first wait,
-        # so the stream stores the events in outbox order.
-        publishes = [
-            asyncio.ensure_future(
-                self.backbone.publish(row.subject, row.payload, msg_id=row.event_id)
-            )
-            for row in rows
-        ]
-        outcomes = await asyncio.gather(*publishes, return_exceptions=True)
+        outcomes = await self.backbone.publish_in_order(
+            [OrderedPublish(row.subject, row.payload, row.event_id) for row in rows]
+        )
         stored: list[int] = []
         for row, outcome in zip(rows, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
+            if outcome is not None:
                 log.warning("outbox_publish_failed", event_id=row.event_id, error=repr(outcome))
                 break
             stored.append(row.seq)
