@@ -2,8 +2,9 @@
 
 Published:
 
-* ``fleetmesh.telemetry.collected.v1`` on ``EVENTS``: one per stored batch (the status
-  context derives liveness from it; analytics may use it as a trigger);
+* ``fleetmesh.telemetry.collected.v1`` on ``EVENTS``: one per device per stored
+  transaction, covering that device's batches in it (the status context derives liveness
+  from it; analytics uses it as a trigger);
 * the ``TELEMETRY`` stream (``telemetry.ingest.<device>``): accepted points, one message per
   batch, ``Nats-Msg-Id`` = the batch's message id, body = ``IngestMessage`` as compact JSON
   (points as arrays ``[index, metric, value, ts_ms, quality]``); consumed by the writer;
@@ -137,7 +138,7 @@ def collected(
     received_at_ms: int,
     quality_mean: float,
 ) -> CloudEvent:
-    """``fleetmesh.telemetry.collected.v1`` for one stored batch."""
+    """``fleetmesh.telemetry.collected.v1`` for a device's batches stored together."""
     return CloudEvent(
         type=TELEMETRY_COLLECTED,
         source=SOURCE,
