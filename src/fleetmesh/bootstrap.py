@@ -140,15 +140,7 @@ class Platform:
                 if self.nats_server
                 else self.settings.callout_issuer_seed
             ),
-            system_nats=(
-                NatsEndpoint(
-                    servers=[self.nats_server.url],
-                    user=SYSTEM_USER,
-                    password=self.nats_server.secrets.system_password,
-                )
-                if self.nats_server
-                else None
-            ),
+            system_nats=self._system_nats(),
         )
         self.modules = [factory(deps) for factory in self.module_factories.values()]
         for module in self.modules:
@@ -156,6 +148,24 @@ class Platform:
         self.relay.start()
         await self._ensure_admin_key()
         self.started = True
+
+    def _system_nats(self) -> NatsEndpoint | None:
+        """The system account's login: the embedded server's, or the one given for external
+        NATS (`fleetmesh up --distributed` hands it to its processes)."""
+        if self.nats_server is not None:
+            return NatsEndpoint(
+                servers=[self.nats_server.url],
+                user=SYSTEM_USER,
+                password=self.nats_server.secrets.system_password,
+            )
+        settings = self.settings
+        if settings.nats_system_user and settings.nats_system_password:
+            return NatsEndpoint(
+                servers=settings.external_nats,
+                user=settings.nats_system_user,
+                password=settings.nats_system_password,
+            )
+        return None
 
     async def stop(self) -> None:
         """Staged shutdown, each stage with a time limit: contexts, relay, NATS, database."""

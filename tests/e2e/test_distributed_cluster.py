@@ -22,12 +22,13 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import asyncpg
 import httpx
 import nats
@@ -123,6 +124,10 @@ class Platform:
 
     def nats_urls(self) -> list[str]:
         return sorted(set(re.findall(r"nats://127\.0\.0\.1:\d+", self.stderr())))
+
+    def mqtt_ports(self) -> list[int]:
+        """The MQTT listeners of the cluster's nodes, in node order (from the banner)."""
+        return [int(port) for port in re.findall(r"mqtt://127\.0\.0\.1:(\d+)", self.stderr())]
 
     def nats_password(self) -> str:
         secrets = json.loads((self.data_dir / "nats" / "secrets.json").read_text())
@@ -491,6 +496,34 @@ async def fleet(platform: Platform) -> AsyncIterator[Fleet]:
         await client.close()
 
 
+async def _mqtt_presence_is_followed(platform: Platform, fleet: Fleet, device: Device) -> None:
+    """The status processes see MQTT sessions open and close on the cluster's listeners."""
+    port = platform.mqtt_ports()[0]  # a node that was not stopped
+    async with aiomqtt.Client(
+        "127.0.0.1", port, identifier=device.id, username=device.id, password=device.secret
+    ):
+        await _status_becomes(fleet, device, lambda s: s["mqtt_connected"] is True)
+    await _status_becomes(
+        fleet, device, lambda s: (s["status"], s["cause"]) == ("offline", "mqtt_disconnect")
+    )
+
+
+async def _status_becomes(
+    fleet: Fleet, device: Device, wanted: Callable[[dict[str, Any]], bool], timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        answer = await fleet.call(
+            "GET", f"/devices/{device.id}/status", done={200}, headers=fleet.admin
+        )
+        status = answer.json()
+        if wanted(status):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{device.id}: status stayed {status}")
+
+
 async def test_nothing_acknowledged_is_lost_or_doubled_while_processes_die(
     platform: Platform, fleet: Fleet
 ) -> None:
@@ -523,6 +556,8 @@ async def test_nothing_acknowledged_is_lost_or_doubled_while_processes_die(
         f"sent again: {dict(fleet.resent)}, "
         f"killed: {chaos.killed}, stopped nats node pid: {chaos.stopped_node}"
     )
+
+    await _mqtt_presence_is_followed(platform, fleet, fleet.devices[0])
 
     seen = set(platform.seen)
     assert _stop(platform) == 0, platform.log_tail()

@@ -31,6 +31,7 @@ from fleetmesh.core.database import Database
 from fleetmesh.core.nats_cluster import NatsCluster
 from fleetmesh.core.nats_server import (
     SERVICE_USER,
+    SYSTEM_USER,
     NatsSecrets,
     NatsServerError,
     die_with_parent,
@@ -121,6 +122,8 @@ def _child_env(
         "FLEETMESH_NATS": ",".join(cluster.urls),
         "FLEETMESH_NATS_USER": SERVICE_USER,
         "FLEETMESH_NATS_PASSWORD": nats_secrets.service_password,
+        "FLEETMESH_NATS_SYSTEM_USER": SYSTEM_USER,
+        "FLEETMESH_NATS_SYSTEM_PASSWORD": nats_secrets.system_password,
         "FLEETMESH_NATS_REPLICAS": "3",
         "FLEETMESH_DATA_DIR": str(settings.data_dir.resolve()),
         "FLEETMESH_API_KEY": service_key,

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     nats: str | None = None
     nats_user: str | None = None
     nats_password: str | None = None
+    nats_system_user: str | None = None
+    nats_system_password: str | None = None
+    """The NATS system account's login on external NATS: MQTT presence (connect and
+    disconnect events) needs it; without it only timeouts mark MQTT devices offline."""
     database_url: str | None = None
     gateway_url: str | None = None
     api_key: str | None = None
