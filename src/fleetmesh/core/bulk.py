@@ -18,6 +18,7 @@ insert or update statement, and a query's rows come back as one JSON row.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -45,14 +46,6 @@ class DriverStatement:
         self.statement = statement
         self.parameters = tuple(parameters)
         self._compiled: dict[str, tuple[str, RowToParameters]] = {}
-        self._many_rows: dict[int, str] = {}
-
-    def sqlite_for_rows(self, single_row_sql: str, rows: int) -> str:
-        """One SQLite statement doing what `single_row_sql` does for each of `rows` rows."""
-        found = self._many_rows.get(rows)
-        if found is None:
-            found = self._many_rows[rows] = _many_rows_sql(single_row_sql, rows)
-        return found
 
     def for_dialect(self, dialect: Dialect) -> tuple[str, RowToParameters]:
         """The SQL text and the row converter of this dialect (compiled on first use)."""
@@ -79,34 +72,35 @@ async def executemany(
     connection = await session.connection()
     sql, to_parameters = statement.for_dialect(connection.dialect)
     if connection.dialect.name == "sqlite":
-        return await _sqlite_many_rows(connection, statement, sql, [to_parameters(r) for r in rows])
+        return await sqlite_many_rows(connection, sql, [to_parameters(r) for r in rows])
     result = await connection.exec_driver_sql(sql, [to_parameters(row) for row in rows])
     return _rowcount(result)
 
 
-async def _sqlite_many_rows(
-    connection: AsyncConnection,
-    statement: DriverStatement,
-    sql: str,
-    rows: list[tuple[Any, ...]],
+async def sqlite_many_rows(
+    connection: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]
 ) -> int:
-    """On SQLite, many rows per statement: its driver runs in a thread of its own and
-    needs the GIL back after every statement step, which a busy event loop hands over
-    only every switch interval (5 ms), so an executemany of thousands of rows could
-    take seconds; a statement for hundreds of rows takes one step."""
+    """Run a one-row SQLite insert or update for every row, hundreds of rows per statement;
+    the rows it changed (-1 when the driver does not tell).
+
+    SQLite's driver runs in a thread of its own and needs the GIL back after every
+    statement step, which a busy event loop hands over only every switch interval (5 ms),
+    so an executemany of thousands of rows could take seconds; a statement for hundreds of
+    rows takes one step."""
+    if not rows:
+        return 0
     per_statement = max(1, min(_SQLITE_ROWS_PER_STATEMENT, _SQLITE_MAX_PARAMETERS // len(rows[0])))
     changed = 0
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
         parameters = tuple([value for row in chunk for value in row])
-        result = await connection.exec_driver_sql(
-            statement.sqlite_for_rows(sql, len(chunk)), parameters
-        )
+        result = await connection.exec_driver_sql(_many_rows_sql(sql, len(chunk)), parameters)
         rowcount = _rowcount(result)
         changed = -1 if changed < 0 or rowcount < 0 else changed + rowcount
     return changed
 
 
+@functools.lru_cache(maxsize=1024)
 def _many_rows_sql(sql: str, rows: int) -> str:
     """`INSERT ... VALUES (?, ?)` for many rows, or `UPDATE t SET a=? WHERE b = ?` as an
     update from a list of values (`UPDATE t SET a=v.column1 FROM (VALUES ...) AS v WHERE

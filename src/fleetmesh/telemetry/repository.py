@@ -17,17 +17,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fleetmesh.core.bulk import sqlite_many_rows
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.tables import (
     POINT_COLUMNS,
     ROLLUP_BUCKET_MS,
-    SQLITE_POINTS_PER_STATEMENT,
+    SQLITE_INSERT_POINTS,
     PointRow,
     chunks,
     dialect_of,
     insert_for,
     rowcount,
-    sqlite_insert_points,
     telemetry_batches,
     telemetry_device_types,
     telemetry_devices,
@@ -216,29 +216,21 @@ class PointStore:
         return set((await self.session.execute(statement, rows)).scalars())
 
     async def insert_points(self, rows: Sequence[PointRow]) -> None:
-        """Many rows per statement: SQLite inserts of hundreds of rows, PostgreSQL binary
-        ``COPY``.
-
-        On SQLite the driver thread needs the GIL back after every statement step, which a
-        busy event loop hands over only every switch interval: one row per step
-        (``executemany``) lets HTTP handling stall the writer row by row.
-        """
+        """Many rows per statement: PostgreSQL binary ``COPY``; on SQLite inserts of hundreds
+        of rows (``core.bulk.sqlite_many_rows``: a busy event loop would stall an
+        ``executemany`` row by row)."""
         if not rows:
             return
         connection = await self.session.connection()
-        raw = (await connection.get_raw_connection()).driver_connection
-        if raw is None:
-            raise RuntimeError("no driver connection")
         if self.dialect == "postgresql":
+            raw = (await connection.get_raw_connection()).driver_connection
+            if raw is None:
+                raise RuntimeError("no driver connection")
             await raw.copy_records_to_table(
                 "telemetry_points", records=rows, columns=list(POINT_COLUMNS)
             )
             return
-        for start in range(0, len(rows), SQLITE_POINTS_PER_STATEMENT):
-            chunk = rows[start : start + SQLITE_POINTS_PER_STATEMENT]
-            parameters = [value for row in chunk for value in row]
-            cursor = await raw.execute(sqlite_insert_points(len(chunk)), parameters)
-            await cursor.close()
+        await sqlite_many_rows(connection, SQLITE_INSERT_POINTS, rows)
 
     async def upsert_latest(self, rows: Iterable[LatestRow]) -> None:
         values = [

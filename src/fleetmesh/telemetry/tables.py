@@ -19,7 +19,6 @@ Storage layout (see the migration ``telemetry_0001`` for what was measured):
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -134,19 +133,10 @@ POINT_COLUMNS: Final = (
 SQLITE_INSERT_POINTS: Final = (
     f"INSERT INTO telemetry_points ({', '.join(POINT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-SQLITE_POINTS_PER_STATEMENT: Final = 500
-"""Rows per SQLite insert statement (8 parameters each, far below SQLite's 32,766)."""
 ROLLUP_BUCKET_MS: Final = HOUR_MS
 
 PointRow = tuple[str, str, int, float | None, str | None, bool | None, float, str]
 Value = bool | int | float | str | None
-
-
-@functools.cache
-def sqlite_insert_points(rows: int) -> str:
-    """One INSERT of `rows` points (cached per size)."""
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-    return f"INSERT INTO telemetry_points ({', '.join(POINT_COLUMNS)}) VALUES {values}"
 
 
 def point_row(device_id: str, message_id: str, point: WirePoint) -> PointRow:
