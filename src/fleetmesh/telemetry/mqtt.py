@@ -72,6 +72,7 @@ from fleetmesh.telemetry.consumers import PullLoop
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.domain import Rejected
 from fleetmesh.telemetry.quarantine import QuarantineEntry
+from fleetmesh.telemetry.writer import Storing, store_isolating
 
 log = get_logger(__name__)
 
@@ -174,13 +175,6 @@ class IngestorLike(Protocol):
         msg_id: str | None = None,
     ) -> Awaitable[PreparedLike]:
         """Decode and validate a device's telemetry body, without storing it."""
-
-
-class BatchStoreLike(Protocol):
-    """`fleetmesh.telemetry.writer.BatchStore`: one transaction, idempotent by message id."""
-
-    async def store(self, messages: Sequence[IngestMessage]) -> object:
-        """Store the messages (those stored before are skipped)."""
 
 
 class Quarantine(Protocol):
@@ -487,7 +481,7 @@ class MqttTelemetryConsumer:
         self,
         deps: Deps,
         ingestor: IngestorLike,
-        store: BatchStoreLike,
+        store: Storing,
         quarantine: Quarantine,
         *,
         batch: int = 1_000,
@@ -601,21 +595,10 @@ class MqttTelemetryConsumer:
             return Decision(Verdict.NAK, 2.0, "retry")
 
     async def _store(self, pending: list[Validated]) -> dict[str, Exception]:
-        """Store all in one transaction; if that fails, one by one: the failures by key."""
+        """The failures by message id (see `store_isolating`)."""
         if not pending:
             return {}
-        try:
-            await self.store.store([v.message for v in pending])
-            return {}
-        except Exception as error:
-            log.warning("mqtt_telemetry_store_failed", messages=len(pending), error=repr(error))
-        failures: dict[str, Exception] = {}
-        for validated in pending:
-            try:
-                await self.store.store([validated.message])
-            except Exception as error:
-                failures[validated.delivery.message_key] = error
-        return failures
+        return await store_isolating(self.store, [v.message for v in pending])
 
     async def _settle(
         self,
@@ -624,7 +607,7 @@ class MqttTelemetryConsumer:
         failures: dict[str, Exception],
     ) -> Decision:
         if isinstance(checked, Validated):
-            decision = await self._settled(checked, failures.get(checked.delivery.message_key))
+            decision = await self._settled(checked, failures.get(checked.message.id))
         else:
             decision = checked
         self.outcomes[decision.outcome] = self.outcomes.get(decision.outcome, 0) + 1

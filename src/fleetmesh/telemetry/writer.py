@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 from nats.aio.msg import Msg
@@ -160,6 +160,32 @@ class StoredNotifier:
             return await PointStore(session).stored(message_id)
 
 
+class Storing(Protocol):
+    """`BatchStore`, as `store_isolating` uses it."""
+
+    async def store(self, messages: Sequence[IngestMessage]) -> object:
+        """Store the messages in one transaction (those stored before are skipped)."""
+
+
+async def store_isolating(
+    store: Storing, messages: Sequence[IngestMessage]
+) -> dict[str, Exception]:
+    """Store in one transaction; if that fails, each message alone, so one that cannot be
+    stored does not hold back the others. Returns the failures by message id."""
+    try:
+        await store.store(messages)
+        return {}
+    except Exception as error:
+        log.warning("telemetry_store_failed", messages=len(messages), error=repr(error))
+    failures: dict[str, Exception] = {}
+    for message in messages:
+        try:
+            await store.store([message])
+        except Exception as error:
+            failures[message.id] = error
+    return failures
+
+
 class BatchStore:
     """Stores accepted batches in one transaction and tells whoever waits for them."""
 
@@ -226,22 +252,13 @@ class TelemetryWriter:
                 reason = f"not a telemetry ingest message: {error}"
                 await dead_letter(self.backbone, message, reason, key=_device_of(message))
         for group in _transactions(decoded):
-            try:
-                await self._store(group)
-            except Exception as error:
-                log.warning("telemetry_store_failed", messages=len(group), error=repr(error))
-                for single in group:
-                    try:
-                        await self._store([single])
-                    except Exception as single_error:
-                        await retry_or_dead_letter(
-                            self.backbone, single[0], single_error, key=single[1].device_id
-                        )
-
-    async def _store(self, group: list[tuple[Msg, IngestMessage]]) -> None:
-        await self.batches.store([message for _, message in group])
-        for message, _ in group:
-            await message.ack()
+            failures = await store_isolating(self.batches, [batch for _, batch in group])
+            for message, batch in group:
+                failure = failures.get(batch.id)
+                if failure is None:
+                    await message.ack()
+                else:
+                    await retry_or_dead_letter(self.backbone, message, failure, key=batch.device_id)
 
 
 def _transactions(
