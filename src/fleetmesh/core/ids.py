@@ -22,10 +22,7 @@ _time_prefix: tuple[int, str] = (-1, "")
 
 def new_id() -> str:
     """A new ULID as its 26-character string."""
-    random_bits = int.from_bytes(os.urandom(10))
-    return _time_part(time.time_ns() // 1_000_000) + "".join(
-        [_PAIRS[random_bits >> shift & 0x3FF] for shift in _RANDOM_SHIFTS]
-    )
+    return ulid_of(time.time_ns() // 1_000_000, os.urandom(10))
 
 
 def ulid_of(milliseconds: int, entropy: bytes) -> str:
