@@ -30,12 +30,12 @@ from tenacity import (
     wait_exponential,
 )
 
+from fleetmesh.core.acks import MSG_ID_HEADER, AckedPublisher, OrderedPublish
 from fleetmesh.core.logging import get_logger
 
 log = get_logger(__name__)
 
 EVENTS_STREAM = "EVENTS"
-MSG_ID_HEADER = "Nats-Msg-Id"
 SETTLE_TIMEOUT_S = 60.0
 _NOT_SETTLED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
 
@@ -57,21 +57,6 @@ def _while_settling(what: str) -> AsyncRetrying:
 
 
 @dataclass(frozen=True, slots=True)
-class OrderedPublish:
-    """One message of `Backbone.publish_in_order`."""
-
-    subject: str
-    payload: bytes
-    msg_id: str
-
-
-def _failure_of(future: asyncio.Future[Any]) -> BaseException | None:
-    if future.cancelled():
-        return TimeoutError("no PubAck in time")
-    return future.exception()
-
-
-@dataclass(frozen=True, slots=True)
 class NatsEndpoint:
     """Where and as whom to connect."""
 
@@ -89,6 +74,7 @@ class Backbone:
         self.name = name
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._acked: AckedPublisher | None = None
 
     async def connect(self) -> None:
         self._nc = await nats.connect(
@@ -104,6 +90,7 @@ class Backbone:
             reconnected_cb=self._on_reconnected,
         )
         self._js = self._nc.jetstream(timeout=10)
+        self._acked = AckedPublisher(self._nc)
 
     async def wait_for_jetstream(self, timeout: float = 30.0) -> None:
         """Wait until JetStream answers (a cluster elects its meta leader first)."""
@@ -120,6 +107,7 @@ class Backbone:
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
+        self._acked = None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
                 await nc.drain()
@@ -192,31 +180,11 @@ class Backbone:
 
         Per message: None once JetStream stored it, else why not (a PubAck that did not come
         within `timeout` counts as a failure; the message may still have been stored, which
-        its `msg_id` makes harmless to publish again). One reply subscription serves all
-        (nats-py `publish_async`): no task or request round trip per message.
+        its `msg_id` makes harmless to publish again).
         """
-        futures: list[asyncio.Future[PubAck]] = []
-        for message in messages:
-            try:
-                futures.append(
-                    await self.js.publish_async(
-                        message.subject,
-                        message.payload,
-                        headers={MSG_ID_HEADER: message.msg_id},
-                    )
-                )
-            except Exception as error:
-                failed: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
-                failed.set_exception(error)
-                futures.append(failed)
-                break
-        if futures:
-            _, late = await asyncio.wait(futures, timeout=timeout)
-            for future in late:
-                future.cancel()
-        outcomes: list[BaseException | None] = [_failure_of(future) for future in futures]
-        outcomes += [TimeoutError("not published")] * (len(messages) - len(futures))
-        return outcomes
+        if self._acked is None:
+            raise RuntimeError("backbone not connected")
+        return await self._acked.publish(messages, timeout=timeout)
 
     async def ping(self) -> bool:
         try:

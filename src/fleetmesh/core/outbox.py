@@ -18,7 +18,8 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleetmesh.core.backbone import Backbone, OrderedPublish
+from fleetmesh.core.acks import OrderedPublish
+from fleetmesh.core.backbone import Backbone
 from fleetmesh.core.clock import utcnow
 from fleetmesh.core.database import Database
 from fleetmesh.core.logging import get_logger

@@ -1,0 +1,90 @@
+"""AckedPublisher against a real nats-server: stored in order, refusals, silence, a closed link."""
+
+from __future__ import annotations
+
+import pytest
+from nats.js.api import DiscardPolicy, StreamConfig
+
+from fleetmesh.bootstrap import Platform
+from fleetmesh.core.acks import AckedPublisher, OrderedPublish, PublishRejected
+
+pytestmark = pytest.mark.integration
+
+STREAM = "ACKTEST"
+
+
+@pytest.fixture
+async def publisher(sqlite_platform: Platform) -> AckedPublisher:
+    await sqlite_platform.backbone.ensure_stream(StreamConfig(name=STREAM, subjects=["acktest.>"]))
+    acked = AckedPublisher(sqlite_platform.backbone.nc)
+    await acked.start()
+    return acked
+
+
+def messages(count: int, subject: str = "acktest.a", prefix: str = "m") -> list[OrderedPublish]:
+    return [OrderedPublish(subject, str(n).encode(), f"{prefix}-{n}") for n in range(count)]
+
+
+async def test_a_batch_is_stored_in_order_and_each_message_answered(
+    sqlite_platform: Platform, publisher: AckedPublisher
+) -> None:
+    outcomes = await publisher.publish(messages(300), timeout=10)
+
+    assert outcomes == [None] * 300
+    js = sqlite_platform.backbone.js
+    assert (await js.stream_info(STREAM)).state.messages == 300
+    stored = [(await js.get_msg(STREAM, seq)).data for seq in (1, 150, 300)]
+    assert stored == [b"0", b"149", b"299"]
+
+
+async def test_a_message_published_again_is_stored_once(
+    sqlite_platform: Platform, publisher: AckedPublisher
+) -> None:
+    await publisher.publish(messages(10), timeout=10)
+    again = await publisher.publish(messages(10), timeout=10)
+
+    assert again == [None] * 10  # a duplicate is acknowledged, not stored twice
+    assert (await sqlite_platform.backbone.js.stream_info(STREAM)).state.messages == 10
+
+
+async def test_a_subject_no_stream_stores_is_refused(publisher: AckedPublisher) -> None:
+    outcomes = await publisher.publish(messages(2, subject="nowhere.a"), timeout=5)
+
+    assert all(isinstance(outcome, PublishRejected) for outcome in outcomes)
+
+
+async def test_jetstream_refusing_a_message_is_reported_for_that_message(
+    sqlite_platform: Platform,
+) -> None:
+    full = StreamConfig(
+        name="ACKFULL", subjects=["ackfull.>"], max_msgs=2, discard=DiscardPolicy.NEW
+    )
+    await sqlite_platform.backbone.ensure_stream(full)
+    publisher = AckedPublisher(sqlite_platform.backbone.nc)
+
+    outcomes = await publisher.publish(messages(3, subject="ackfull.a"), timeout=5)
+
+    assert outcomes[:2] == [None, None]
+    assert isinstance(outcomes[2], PublishRejected)
+    assert "maximum messages" in str(outcomes[2])
+
+
+async def test_a_publish_nobody_answers_times_out(sqlite_platform: Platform) -> None:
+    nc = sqlite_platform.backbone.nc
+    silent = await nc.subscribe("silent.>")  # receives, never answers: no "no responders"
+    publisher = AckedPublisher(nc)
+
+    outcomes = await publisher.publish(messages(3, subject="silent.a"), timeout=0.3)
+
+    assert all(isinstance(outcome, TimeoutError) for outcome in outcomes)
+    await silent.unsubscribe()
+
+
+async def test_messages_that_cannot_be_sent_are_reported_not_published(
+    sqlite_platform: Platform, publisher: AckedPublisher
+) -> None:
+    await sqlite_platform.backbone.nc.close()
+
+    outcomes = await publisher.publish(messages(3), timeout=1)
+
+    assert [str(outcome) for outcome in outcomes] == ["not published"] * 3
