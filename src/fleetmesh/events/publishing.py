@@ -27,7 +27,8 @@ from typing import Any
 import msgspec
 from nats.js.api import PubAck
 
-from fleetmesh.core.backbone import MSG_ID_HEADER, Backbone
+from fleetmesh.core.acks import MSG_ID_HEADER
+from fleetmesh.core.backbone import Backbone
 from fleetmesh.core.envelope import subject_for_type
 from fleetmesh.core.errors import FieldError
 from fleetmesh.events.cloudevents import (
