@@ -38,6 +38,7 @@ from fleetmesh.status.health import format_duration
 from fleetmesh.status.options import StatusOptions
 from fleetmesh.status.repository import (
     PENDING,
+    LiveDevice,
     QualitySample,
     SqlStatusRepository,
     StatusReader,
@@ -127,6 +128,14 @@ class DeviceInput:
             entry[1] += total
         self.answers += newer.answers
 
+    def timeout_only(self) -> StatusReport | None:
+        """The inactivity timeout, if that is all this window holds for the device."""
+        if len(self.reports) != 1 or self.reports[0].cause is not StatusCause.TIMEOUT:
+            return None
+        if self.first_telemetry or self.mqtt_connected is not None or self.quality:
+            return None
+        return None if self.answers else self.reports[0]
+
     def ordered_reports(self) -> list[StatusReport]:
         reports = list(self.reports)
         for telemetry in (self.first_telemetry, self.last_telemetry):
@@ -142,6 +151,14 @@ class FlushResult:
     failed: frozenset[str] = frozenset()
     """Devices whose input could not be written; their messages are retried."""
     changes: int = 0
+
+
+@dataclass
+class TimedOut:
+    """Devices an inactivity timeout took offline, and when each is first checked."""
+
+    changes: list[StatusChanged] = field(default_factory=list)
+    next_checks: dict[str, datetime] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,17 +203,19 @@ class StatusService:
         default_timeout = self.options.offline_timeout_s()
         policy_delay = self._first_check_delay()
         async with self._uow() as uow:
-            tracked = await uow.repo.load(inputs, default_timeout_s=default_timeout)
+            timed_out = await self._time_out(uow, inputs, default_timeout, policy_delay)
+            rest = {d: item for d, item in inputs.items() if d not in timed_out.next_checks}
+            tracked = await uow.repo.load(rest, default_timeout_s=default_timeout)
             answers = [
                 (device_id, command_id, at)
-                for device_id, item in inputs.items()
+                for device_id, item in rest.items()
                 if device_id in tracked
                 for command_id, at in item.answers
             ]
             ours = await uow.repo.answer_checks(answers)
-            changes: list[StatusChanged] = []
+            changes: list[StatusChanged] = timed_out.changes
             samples: list[QualitySample] = []
-            for device_id, item in inputs.items():
+            for device_id, item in rest.items():
                 device = tracked.get(device_id)
                 if device is None:
                     continue
@@ -225,9 +244,43 @@ class StatusService:
             for change in changes:
                 uow.emit(contracts.status_changed(change))
             await uow.commit()
+        for device_id, next_check in timed_out.next_checks.items():
+            self.timers.set_deadlines(device_id, None, next_check)
         for device in tracked.values():
             self.timers.track(device)
-        return FlushResult(unknown=frozenset(set(inputs) - set(tracked)), changes=len(changes))
+        return FlushResult(unknown=frozenset(set(rest) - set(tracked)), changes=len(changes))
+
+    @staticmethod
+    async def _time_out(
+        uow: StatusUnitOfWork,
+        inputs: dict[str, DeviceInput],
+        default_timeout: float,
+        first_check: timedelta,
+    ) -> TimedOut:
+        """Inactivity timeouts of silent devices, with a fraction of the general way's reads
+        and writes: when a whole fleet falls silent, these are thousands a second. A device
+        with an open MQTT connection, or no longer overdue, or not online, goes the general
+        way (`_interpret`, `_apply`)."""
+        timeouts = {d: r for d, item in inputs.items() if (r := item.timeout_only()) is not None}
+        done = TimedOut()
+        if not timeouts:
+            return done
+        live = await uow.repo.load_liveness(timeouts, default_timeout_s=default_timeout)
+        written: list[tuple[LiveDevice, datetime]] = []
+        for device_id, report in timeouts.items():
+            device = live.get(device_id)
+            if device is None or device.mqtt_connected:
+                continue
+            if not device.status.is_overdue(report.observed_at):
+                continue
+            change = device.status.apply(_explained_timeout(report, device.status))
+            if change is None or change.current is not DeviceState.OFFLINE:
+                continue
+            done.changes.append(change)
+            done.next_checks[device_id] = change.at + first_check
+            written.append((device, done.next_checks[device_id]))
+        await uow.repo.save_timed_out(written)
+        return done
 
     def _apply(
         self, device: TrackedDevice, reports: Iterable[StatusReport], first_check: timedelta
@@ -256,14 +309,7 @@ class StatusService:
                 report.observed_at,
                 detail="MQTT connection still open",
             )
-        if report.detail:
-            return report
-        return StatusReport(
-            report.state,
-            report.cause,
-            report.observed_at,
-            detail=_silence_detail(device.status.offline_timeout_s),
-        )
+        return _explained_timeout(report, device.status)
 
     @staticmethod
     def _record_quality(device: TrackedDevice, item: DeviceInput) -> list[QualitySample]:
@@ -482,6 +528,18 @@ class StatusService:
 
     def _default_timeout(self) -> float:
         return self.options.offline_timeout_s()
+
+
+def _explained_timeout(report: StatusReport, status: DeviceStatus) -> StatusReport:
+    """A timeout report saying how long the device was silent (unless it says why already)."""
+    if report.detail:
+        return report
+    return StatusReport(
+        report.state,
+        report.cause,
+        report.observed_at,
+        detail=_silence_detail(status.offline_timeout_s),
+    )
 
 
 @lru_cache(maxsize=256)

@@ -110,3 +110,88 @@ async def test_a_row_changed_since_it_was_loaded_is_not_overwritten(platform: Pl
         await session.rollback()
     stored = (await _stored(platform, ["raced"]))["raced"]
     assert stored.status.status is DeviceState.ONLINE and not stored.mqtt_connected
+
+
+async def test_timeouts_take_only_silent_devices_offline(platform: Platform) -> None:
+    service = platform.provided("status_service")
+    assert isinstance(service, StatusService)
+    devices = ["quiet", "connected", "revived", "gone"]
+    now = service.clock.now()
+    await service.project([contracts.TypeDefined("silence-type", TIMEOUT_S)])
+    await service.project(
+        [contracts.Registered(d, to_rfc3339(now), "silence-type") for d in devices]
+    )
+    seen = now + timedelta(seconds=1)
+    await service.apply_inputs(
+        {
+            d: _input(
+                StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, seen),
+                mqtt_connected=d == "connected",
+            )
+            for d in devices
+        }
+    )
+    revived_at = seen + timedelta(seconds=60)
+    await service.apply_inputs(
+        {"revived": _input(StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, revived_at))}
+    )
+    await service.set_manual("gone", DeviceState.OFFLINE, reason="unplugged")
+
+    due = seen + timedelta(seconds=TIMEOUT_S)
+    timeout = StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, due)
+    result = await service.apply_inputs({d: _input(timeout) for d in [*devices, "ghost"]})
+
+    assert (result.changes, result.unknown) == (1, frozenset({"ghost"}))
+    stored = await _stored(platform, devices)
+    quiet = stored["quiet"]
+    assert (quiet.status.status, quiet.status.since, quiet.cause) == (
+        DeviceState.OFFLINE,
+        due,
+        StatusCause.TIMEOUT.value,
+    )
+    assert quiet.status.sequence == 2 and quiet.check_attempt == 0
+    assert quiet.next_check_at == due + service._first_check_delay()
+    assert service.timers.checks.get("quiet") == quiet.next_check_at  # type: ignore[attr-defined]
+    assert "quiet" not in service.timers.offline  # type: ignore[attr-defined]
+    connected = stored["connected"]
+    assert connected.status.status is DeviceState.ONLINE and connected.status.last_seen == due
+    assert stored["revived"].status.status is DeviceState.ONLINE
+    assert stored["revived"].status.sequence == 1
+    assert (stored["gone"].status.status, stored["gone"].status.sequence) == (
+        DeviceState.OFFLINE,
+        2,
+    )
+    async with platform.database.session() as session:
+        history = await StatusReader(session).history(
+            "quiet", start=None, end=None, after_sequence=0, limit=10
+        )
+    assert [(h.sequence, h.current, h.cause) for h in history][-1] == (2, "offline", "timeout")
+    assert history[-1].detail == "no sign of life for 1h"
+
+
+async def test_a_timeout_is_not_written_over_a_row_changed_since_it_was_read(
+    platform: Platform,
+) -> None:
+    service = platform.provided("status_service")
+    assert isinstance(service, StatusService)
+    now = service.clock.now()
+    await service.project([contracts.Registered("raced-silence", to_rfc3339(now), None)])
+    seen = now + timedelta(seconds=1)
+    online = StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, seen)
+    await service.apply_inputs({"raced-silence": _input(online)})
+    dialect = platform.database.engine.dialect.name
+    async with platform.database.session() as session:
+        repo = SqlStatusRepository(session, dialect)
+        stale = (await repo.load_liveness(["raced-silence"], default_timeout_s=TIMEOUT_S))[
+            "raced-silence"
+        ]
+    later = StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, seen + timedelta(seconds=9))
+    await service.apply_inputs({"raced-silence": _input(later)})
+    due = seen + timedelta(seconds=TIMEOUT_S)
+    assert stale.status.apply(StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, due))
+    async with platform.database.session() as session:
+        with pytest.raises(ConcurrentUpdate):
+            await SqlStatusRepository(session, dialect).save_timed_out([(stale, due)])
+        await session.rollback()
+    stored = (await _stored(platform, ["raced-silence"]))["raced-silence"]
+    assert stored.status.status is DeviceState.ONLINE
