@@ -139,7 +139,8 @@ class DriverQuery:
             order = tuple(compiled.positiontup or ())
             if set(order) != set(self.parameters):
                 raise ValueError(f"query parameters {order} are not {self.parameters}")
-            places = tuple(self.parameters.index(name) for name in order)
+            where = {name: index for index, name in enumerate(self.parameters)}
+            places = tuple(where[name] for name in order)
             readers = [
                 _reader(column.name, column.type, dialect.name)
                 for column in self.statement.selected_columns

@@ -67,6 +67,7 @@ def create_module(deps: Deps) -> Module:
         task.add_done_callback(background.discard)
 
     async def start() -> None:
+        service.prepare()
         armed = await service.rebuild_timers()
         log.info("status_timers_rebuilt", devices=armed)
         batcher.start()

@@ -42,6 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleetmesh.core.bulk import DriverQuery, DriverStatement, executemany, fetch
@@ -292,6 +293,16 @@ _TIMED_OUT_COLUMNS = (
     "check_attempt",
     "next_check_at",
 )
+
+
+def compile_window_statements(dialect: Dialect) -> None:
+    """Compile the statements of a full window ahead (a read of 2,048 ids takes tens of
+    milliseconds to compile), so the first burst of timeouts does not wait for them."""
+    size = _padded_size(_LOAD_CHUNK)
+    for columns in (_TRACKED_COLUMNS, _LIVENESS_COLUMNS):
+        _locked_select(columns, size).for_dialect(dialect)
+    _versioned_update(_TIMED_OUT_COLUMNS).for_dialect(dialect)
+    _HISTORY_INSERT.for_dialect(dialect)
 
 
 class SqlStatusRepository:

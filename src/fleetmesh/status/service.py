@@ -43,6 +43,7 @@ from fleetmesh.status.repository import (
     SqlStatusRepository,
     StatusReader,
     TrackedDevice,
+    compile_window_statements,
     resolve_timeout,
 )
 
@@ -190,6 +191,10 @@ class StatusService:
         self.on_commit = on_commit
         self.options = options
         self.timers = timers
+
+    def prepare(self) -> None:
+        """Compile the statements of a full window before the first one is written."""
+        compile_window_statements(self.database.engine.dialect)
 
     def _uow(self) -> StatusUnitOfWork:
         return StatusUnitOfWork(self.database, on_commit=self.on_commit)
