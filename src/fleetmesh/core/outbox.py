@@ -28,8 +28,10 @@ from fleetmesh.core.tables import outbox
 
 log = get_logger(__name__)
 
-BATCH_SIZE = 500
-"""Events read per look at the outbox, published without waiting for each PubAck in turn."""
+BATCH_SIZE = 2_000
+"""Events read per look at the outbox, published without waiting for each PubAck in turn.
+On SQLite, marking them published waits for the writer lock, often behind a writer's
+whole transaction: a big batch keeps the relay up with bursts of thousands of events."""
 MAX_BACKOFF_S = 5.0
 KEEP_PUBLISHED = timedelta(hours=1)
 
