@@ -55,7 +55,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -143,6 +143,10 @@ class Offline:
     missing: int = 0
     repeated: int = 0
     unpublished: int = 0
+    peak_due: int = 0
+    """The most deadlines that fell due within one second."""
+    committed_per_s: float = 0.0
+    """Offline transitions committed per second, from the first deadline to the last commit."""
 
 
 @dataclass
@@ -193,6 +197,8 @@ def offline_outcome(
     (created at, published at, CloudEvent JSON); the deadline is the event's `at`."""
     outcome = Offline()
     per_device: Counter[str] = Counter()
+    deadlines: list[datetime] = []
+    last_commit: datetime | None = None
     for created_at, published_at, payload in rows:
         event = json.loads(payload)
         data = event["data"]
@@ -200,6 +206,8 @@ def offline_outcome(
             continue
         per_device[data["device_id"]] += 1
         deadline = from_rfc3339(data["at"])
+        deadlines.append(deadline)
+        last_commit = created_at if last_commit is None else max(last_commit, created_at)
         outcome.committed.append((created_at - deadline).total_seconds())
         if published_at is None:
             outcome.unpublished += 1
@@ -209,7 +217,22 @@ def offline_outcome(
     outcome.published.sort()
     outcome.missing = len(devices) - len(per_device)
     outcome.repeated = sum(count - 1 for count in per_device.values())
+    if deadlines and last_commit is not None:
+        deadlines.sort()
+        outcome.peak_due = _most_within(deadlines, timedelta(seconds=1))
+        spread = (last_commit - deadlines[0]).total_seconds()
+        outcome.committed_per_s = len(deadlines) / max(spread, 1e-9)
     return outcome
+
+
+def _most_within(moments: list[datetime], span: timedelta) -> int:
+    """The most of these (ascending) moments that fall within one `span`."""
+    most, start = 0, 0
+    for end, moment in enumerate(moments):
+        while moments[start] <= moment - span:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
 
 
 def silent_timeout(first_report: datetime, now: datetime, margin_s: float) -> float:
@@ -246,6 +269,16 @@ def fill(report: BenchReport, fleet: Fleet, storage: Storage) -> None:
     latencies = sorted(fleet.stored_latencies)
     report.add(f"report -> stored latency p50, {label}", percentile(latencies, 0.50) * 1000, "ms")
     report.add(f"report -> stored latency p99, {label}", percentile(latencies, 0.99) * 1000, "ms")
+    report.add(
+        f"deadlines falling due within one second, at most, {label}",
+        float(fleet.offline.peak_due),
+        "deadlines",
+    )
+    report.add(
+        f"offline transitions committed/s, first deadline to last commit, {label}",
+        fleet.offline.committed_per_s,
+        "transitions/s",
+    )
     report.add(f"offline timeout used, {label}", fleet.timeout_s, "s")
     report.add(f"deadlines re-armed from the store, {label}", fleet.rearm_s * 1000, "ms")
     report.add(f"offline transitions missing, {label}", float(fleet.offline.missing), "devices")

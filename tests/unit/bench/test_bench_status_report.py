@@ -54,6 +54,19 @@ def test_the_delay_is_from_the_deadline_to_the_commit_and_to_the_publication() -
     assert (outcome.missing, outcome.repeated, outcome.unpublished) == (0, 0, 0)
 
 
+def test_the_densest_second_of_deadlines_and_the_commit_rate_are_measured() -> None:
+    rows = [_row(device, "offline", committed_after_s=0.5) for device in "abc"]
+    later = _row("d", "offline", committed_after_s=0.5)
+    event = json.loads(later[2])
+    event["data"]["at"] = to_rfc3339(DEADLINE + timedelta(seconds=3))
+    rows.append((DEADLINE + timedelta(seconds=3.5), None, json.dumps(event).encode()))
+
+    outcome = status.offline_outcome(rows, set("abcd"))
+
+    assert outcome.peak_due == 3  # a, b and c at the deadline; d three seconds later
+    assert outcome.committed_per_s == pytest.approx(4 / 3.5)
+
+
 def test_online_transitions_and_other_runs_devices_are_left_out() -> None:
     rows = [
         _row("a", "online", committed_after_s=5.0, published_after_s=5.0),
