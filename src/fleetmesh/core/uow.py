@@ -29,7 +29,8 @@ class SqlUnitOfWork:
     def __init__(self, database: Database, *, on_commit: Callable[[], None] | None = None) -> None:
         self.database = database
         self._on_commit = on_commit
-        self._pending: list[CloudEvent] = []
+        self._pending: list[dict[str, Any]] = []
+        """Outbox rows of the events emitted, stamped with one `created_at` at commit."""
         self._session: AsyncSession | None = None
         self._lock_held = False
 
@@ -72,15 +73,19 @@ class SqlUnitOfWork:
 
     def emit(self, event: CloudEvent) -> None:
         """Publish this event if, and only if, the transaction commits."""
-        self._pending.append(event)
+        self._pending.append(_outbox_row(event.id, event.nats_subject, event.to_json()))
+
+    def emit_encoded(self, event_id: str, subject: str, payload: bytes) -> None:
+        """`emit` for an event already encoded as its CloudEvent JSON (a hot path's own
+        encoder, which must give the bytes `CloudEvent.to_json` would)."""
+        self._pending.append(_outbox_row(event_id, subject, payload))
 
     async def commit(self) -> None:
         if self._pending:
-            rows = [_outbox_row(e) for e in self._pending]
             created_at = utcnow()  # once the rows are built: no row is stamped before its event
-            for row in rows:
+            for row in self._pending:
                 row["created_at"] = created_at
-            await executemany(self.session, _OUTBOX_INSERT, rows)
+            await executemany(self.session, _OUTBOX_INSERT, self._pending)
             self._pending.clear()
         await self.session.commit()
         if self._on_commit is not None:
@@ -97,11 +102,11 @@ _OUTBOX_INSERT = DriverStatement(
 )
 
 
-def _outbox_row(event: CloudEvent) -> dict[str, Any]:
+def _outbox_row(event_id: str, subject: str, payload: bytes) -> dict[str, Any]:
     return {
-        "event_id": event.id,
-        "subject": event.nats_subject,
-        "payload": event.to_json(),
+        "event_id": event_id,
+        "subject": subject,
+        "payload": payload,
         "published_at": None,
         "attempts": 0,
     }

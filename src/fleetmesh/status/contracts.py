@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import msgspec
 
 from fleetmesh.core.clock import from_rfc3339, to_rfc3339
-from fleetmesh.core.envelope import CloudEvent, subject_for_type
+from fleetmesh.core.envelope import SPEC_VERSION, CloudEvent, subject_for_type
+from fleetmesh.core.ids import new_id
 from fleetmesh.status.domain import StatusChanged
 
 SOURCE = "/fleetmesh/status"
@@ -67,19 +68,50 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 
 
 def status_changed(change: StatusChanged) -> CloudEvent:
+    return CloudEvent(
+        type=STATUS_CHANGED,
+        source=SOURCE,
+        subject=change.device_id,
+        time=change.at,
+        data=_status_changed_data(change, to_rfc3339(change.at)),
+    )
+
+
+def _status_changed_data(change: StatusChanged, at: str) -> dict[str, Any]:
     data: dict[str, Any] = {
         "device_id": change.device_id,
         "previous": change.previous.value,
         "current": change.current.value,
         "cause": change.cause.value,
-        "at": to_rfc3339(change.at),
+        "at": at,
         "sequence": change.sequence,
     }
     if change.detail:
         data["detail"] = change.detail
-    return CloudEvent(
-        type=STATUS_CHANGED, source=SOURCE, subject=change.device_id, time=change.at, data=data
-    )
+    return data
+
+
+STATUS_CHANGED_SUBJECT = subject_for_type(STATUS_CHANGED)
+_encode = msgspec.json.Encoder().encode
+
+
+def encoded_status_changed(change: StatusChanged) -> tuple[str, bytes]:
+    """`status_changed(change).to_json()` and its event id, a third of the cost: no
+    `CloudEvent` is built, and the time is rendered once for the envelope and the data."""
+    event_id = new_id()
+    at = to_rfc3339(change.at)
+    envelope = {
+        "specversion": SPEC_VERSION,
+        "id": event_id,
+        "source": SOURCE,
+        "type": STATUS_CHANGED,
+        "time": at,
+        "datacontenttype": "application/json",
+        "subject": change.device_id,
+        "correlationid": event_id,
+        "data": _status_changed_data(change, at),
+    }
+    return event_id, _encode(envelope)
 
 
 def ping_command_subject(device_id: str) -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fleetmesh.core.errors import InvalidInput
 from fleetmesh.status import contracts
@@ -170,3 +173,23 @@ def test_settings_fall_back_to_defaults_when_invalid() -> None:
     for bad in ("fast", True, -3, 0, float("nan"), 10**9):
         broken = StatusOptions(FakeLiveConfig({"offline_timeout_s": bad}))  # type: ignore[arg-type]
         assert broken.offline_timeout_s() == 300.0
+
+
+changes = st.builds(
+    StatusChanged,
+    device_id=st.text(min_size=1, max_size=64),
+    previous=st.sampled_from(DeviceState),
+    current=st.sampled_from(DeviceState),
+    cause=st.sampled_from(StatusCause),
+    at=st.datetimes(min_value=datetime(1970, 1, 2), timezones=st.just(UTC)),
+    sequence=st.integers(min_value=1, max_value=2**40),
+    detail=st.text(max_size=80),
+)
+
+
+@given(changes)
+def test_the_encoded_status_changed_is_the_cloud_event_json(change: StatusChanged) -> None:
+    event_id, payload = contracts.encoded_status_changed(change)
+
+    expected = dataclasses.replace(contracts.status_changed(change), id=event_id)
+    assert payload == expected.to_json()
