@@ -286,6 +286,23 @@ class DeviceStatus:
         self.version += 1
 
 
+def timed_out(device_id: str, sequence: int, deadline: datetime, detail: str) -> StatusChanged:
+    """What `apply` records for a `timeout` report at `deadline()` of an online device whose
+    state has not changed since that deadline was computed: offline from the deadline on,
+    with the next sequence number. The aggregate's `since` and `last_update` both become the
+    deadline (nothing it was told happened later than its latest sign of life), and its
+    version moves by one; a caller that kept only `sequence` and `version` can write it."""
+    return StatusChanged(
+        device_id=device_id,
+        previous=DeviceState.ONLINE,
+        current=DeviceState.OFFLINE,
+        cause=StatusCause.TIMEOUT,
+        at=deadline,
+        sequence=sequence + 1,
+        detail=detail,
+    )
+
+
 def _require_positive_timeout(offline_timeout_s: float) -> None:
     if not 0 < offline_timeout_s <= MAX_OFFLINE_TIMEOUT_S:
         raise InvalidStatusInput(

@@ -42,7 +42,13 @@ from fleetmesh.status import contracts
 from fleetmesh.status.deadlines import DeadlineScheduler
 from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport
 from fleetmesh.status.repository import TrackedDevice
-from fleetmesh.status.service import DeviceInput, FlushResult, PingToSend, StatusService
+from fleetmesh.status.service import (
+    Armed,
+    DeviceInput,
+    FlushResult,
+    PingToSend,
+    StatusService,
+)
 from fleetmesh.status.tasks import stop_task, wait_event
 
 log = get_logger(__name__)
@@ -63,16 +69,34 @@ class Timers:
     def __init__(self) -> None:
         self.offline = DeadlineScheduler()
         self.checks = DeadlineScheduler()
+        self._armed: dict[str, Armed] = {}
         self._wake = asyncio.Event()
         self._sleeping_until: datetime | None = None
 
     def track(self, device: TrackedDevice) -> None:
-        next_check = device.next_check_at if device.status.status is DeviceState.OFFLINE else None
-        self.set_deadlines(device.device_id, device.status.deadline(), next_check)
+        status = device.status
+        next_check = device.next_check_at if status.status is DeviceState.OFFLINE else None
+        deadline = status.deadline()
+        armed = None
+        if deadline is not None and not device.mqtt_connected:
+            armed = Armed(deadline, status.version, status.sequence, status.offline_timeout_s)
+        self.set_deadlines(device.device_id, deadline, next_check, armed)
+
+    def armed(self, device_id: str, deadline: datetime) -> Armed | None:
+        found = self._armed.get(device_id)
+        return found if found is not None and found.deadline == deadline else None
 
     def set_deadlines(
-        self, device_id: str, deadline: datetime | None, next_check: datetime | None
+        self,
+        device_id: str,
+        deadline: datetime | None,
+        next_check: datetime | None,
+        armed: Armed | None = None,
     ) -> None:
+        if armed is not None and armed.deadline == deadline:
+            self._armed[device_id] = armed
+        else:
+            self._armed.pop(device_id, None)
         for scheduler, at in ((self.offline, deadline), (self.checks, next_check)):
             if at is None:
                 scheduler.cancel(device_id)

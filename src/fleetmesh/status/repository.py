@@ -51,7 +51,6 @@ from fleetmesh.status.domain import (
     MAX_OFFLINE_TIMEOUT_S,
     DeviceState,
     DeviceStatus,
-    StatusCause,
     StatusChanged,
 )
 
@@ -259,30 +258,6 @@ def _locked_select(columns: tuple[Any, ...], size: int) -> DriverQuery:
     return DriverQuery(statement, names)
 
 
-_LIVENESS_COLUMNS = (
-    status_devices.c.device_id,
-    status_devices.c.status,
-    status_devices.c.since,
-    status_devices.c.last_update,
-    status_devices.c.last_seen,
-    status_devices.c.sequence,
-    status_devices.c.version,
-    status_devices.c.mqtt_connected,
-    status_devices.c.timeout_override_s,
-    status_device_types.c.offline_timeout_s.label("type_timeout_s"),
-)
-
-
-@dataclass(eq=False, slots=True)
-class LiveDevice:
-    """What deciding an inactivity timeout needs of a device: its aggregate, whether an
-    MQTT connection is open, and the version its row was read at."""
-
-    status: DeviceStatus
-    mqtt_connected: bool
-    stored_version: int
-
-
 _TIMED_OUT_COLUMNS = (
     "status",
     "cause",
@@ -298,9 +273,7 @@ _TIMED_OUT_COLUMNS = (
 def compile_window_statements(dialect: Dialect) -> None:
     """Compile the statements of a full window ahead (a read of 2,048 ids takes tens of
     milliseconds to compile), so the first burst of timeouts does not wait for them."""
-    size = _padded_size(_LOAD_CHUNK)
-    for columns in (_TRACKED_COLUMNS, _LIVENESS_COLUMNS):
-        _locked_select(columns, size).for_dialect(dialect)
+    _locked_select(_TRACKED_COLUMNS, _padded_size(_LOAD_CHUNK)).for_dialect(dialect)
     _versioned_update(_TIMED_OUT_COLUMNS).for_dialect(dialect)
     _HISTORY_INSERT.for_dialect(dialect)
 
@@ -327,36 +300,11 @@ class SqlStatusRepository:
                 found[tracked.device_id] = tracked
         return found
 
-    async def load_liveness(
-        self, device_ids: Iterable[str], *, default_timeout_s: float
-    ) -> dict[str, LiveDevice]:
-        """The liveness columns of these devices (locked for update on PostgreSQL): a
-        fraction of what `load` reads and builds, for the many timeouts of a silent fleet."""
-        found: dict[str, LiveDevice] = {}
-        for chunk in _chunks(sorted(set(device_ids)), _LOAD_CHUNK):
-            size = _padded_size(len(chunk))
-            padded = [*chunk, *[chunk[-1]] * (size - len(chunk))]
-            rows = await fetch(self.session, _locked_select(_LIVENESS_COLUMNS, size), padded)
-            for row in rows:
-                (device_id, state, since, last_update, last_seen, sequence, version) = row[:7]
-                mqtt_connected, override, type_timeout = row[7:]
-                status = DeviceStatus(
-                    device_id=device_id,
-                    status=state,
-                    since=since,
-                    last_update=last_update,
-                    offline_timeout_s=resolve_timeout(override, type_timeout, default_timeout_s),
-                    last_seen=last_seen,
-                    sequence=sequence,
-                    version=version,
-                )
-                found[device_id] = LiveDevice(status, bool(mqtt_connected), int(version))
-        return found
-
-    async def save_timed_out(self, devices: Sequence[tuple[LiveDevice, datetime]]) -> None:
-        """Write devices an inactivity timeout took offline, each with its first health
-        check, and each only if its version is the one loaded."""
-        rows = [_timed_out_row(device, check_at) for device, check_at in devices]
+    async def save_timed_out(self, devices: Sequence[tuple[StatusChanged, int, datetime]]) -> None:
+        """Write devices an inactivity timeout took offline: (the transition, the row version
+        it was decided on, the first health check). Raises `ConcurrentUpdate`, writing
+        nothing the caller may keep, if any row is no longer at that version."""
+        rows = [_timed_out_row(*device) for device in devices]
         written = await executemany(self.session, _versioned_update(_TIMED_OUT_COLUMNS), rows)
         if 0 <= written != len(rows):
             raise ConcurrentUpdate(f"{len(rows) - written} status rows changed concurrently")
@@ -589,6 +537,9 @@ class StatusReader:
                 status_devices.c.last_seen,
                 status_devices.c.timeout_override_s,
                 status_devices.c.next_check_at,
+                status_devices.c.version,
+                status_devices.c.sequence,
+                status_devices.c.mqtt_connected,
                 status_device_types.c.offline_timeout_s.label("type_timeout_s"),
             )
             .select_from(_JOINED)
@@ -793,19 +744,18 @@ def tracked_from_row(row: Any, default_timeout_s: float) -> TrackedDevice:
     return tracked
 
 
-def _timed_out_row(device: LiveDevice, next_check_at: datetime) -> dict[str, Any]:
-    status = device.status
+def _timed_out_row(change: StatusChanged, version: int, next_check_at: datetime) -> dict[str, Any]:
     return {
-        "status": status.status.value,
-        "cause": StatusCause.TIMEOUT.value,
-        "since": status.since,
-        "last_update": status.last_update,
-        "sequence": status.sequence,
-        "version": status.version,
+        "status": change.current.value,
+        "cause": change.cause.value,
+        "since": change.at,
+        "last_update": change.at,
+        "sequence": change.sequence,
+        "version": version + 1,
         "check_attempt": 0,
         "next_check_at": next_check_at,
-        "b_device_id": status.device_id,
-        "b_version": device.stored_version,
+        "b_device_id": change.device_id,
+        "b_version": version,
     }
 
 

@@ -33,12 +33,13 @@ from fleetmesh.status.domain import (
     StatusCause,
     StatusChanged,
     StatusReport,
+    timed_out,
 )
 from fleetmesh.status.health import format_duration
 from fleetmesh.status.options import StatusOptions
 from fleetmesh.status.repository import (
     PENDING,
-    LiveDevice,
+    ConcurrentUpdate,
     QualitySample,
     SqlStatusRepository,
     StatusReader,
@@ -66,6 +67,17 @@ class StatusVersionMismatch(PreconditionFailed):
     """`If-Match` named another version than the current one."""
 
 
+@dataclass(frozen=True, slots=True)
+class Armed:
+    """An online device's offline deadline as stored, with what it was computed from: the
+    row's version and the transition sequence (no MQTT connection was open)."""
+
+    deadline: datetime
+    version: int
+    sequence: int
+    offline_timeout_s: float
+
+
 class Timers(Protocol):
     """Where the service reports each stored device, so deadlines follow the store."""
 
@@ -73,9 +85,16 @@ class Timers(Protocol):
         """Re-arm (or cancel) the device's offline deadline and health-check time."""
 
     def set_deadlines(
-        self, device_id: str, deadline: datetime | None, next_check: datetime | None
+        self,
+        device_id: str,
+        deadline: datetime | None,
+        next_check: datetime | None,
+        armed: Armed | None = None,
     ) -> None:
         """Set both timers of a device directly (rebuild from the store)."""
+
+    def armed(self, device_id: str, deadline: datetime) -> Armed | None:
+        """The device's armed state, if this is the deadline it was armed with."""
 
 
 class StatusUnitOfWork(SqlUnitOfWork):
@@ -205,10 +224,26 @@ class StatusService:
         self, inputs: dict[str, DeviceInput], *, offset: tuple[str, int] | None = None
     ) -> FlushResult:
         """Apply one window of automatic reports in one transaction."""
+        try:
+            return await self._apply_window(inputs, offset, short_timeouts=True)
+        except ConcurrentUpdate:
+            # An armed timeout raced a write its timers did not see (another process, an
+            # operator's call committing meanwhile): the general way reads every device.
+            return await self._apply_window(inputs, offset, short_timeouts=False)
+
+    async def _apply_window(
+        self,
+        inputs: dict[str, DeviceInput],
+        offset: tuple[str, int] | None,
+        *,
+        short_timeouts: bool,
+    ) -> FlushResult:
         default_timeout = self.options.offline_timeout_s()
         policy_delay = self._first_check_delay()
         async with self._uow() as uow:
-            timed_out = await self._time_out(uow, inputs, default_timeout, policy_delay)
+            timed_out = TimedOut()
+            if short_timeouts:
+                timed_out = await self._time_out(uow, inputs, policy_delay)
             rest = {d: item for d, item in inputs.items() if d not in timed_out.next_checks}
             tracked = await uow.repo.load(rest, default_timeout_s=default_timeout)
             answers = [
@@ -246,8 +281,7 @@ class StatusService:
             await uow.repo.add_quality(samples)
             if offset is not None:
                 await uow.repo.raise_offset(*offset)
-            for change in changes:
-                uow.emit(contracts.status_changed(change))
+            _emit(uow, changes)
             await uow.commit()
         for device_id, next_check in timed_out.next_checks.items():
             self.timers.set_deadlines(device_id, None, next_check)
@@ -255,36 +289,27 @@ class StatusService:
             self.timers.track(device)
         return FlushResult(unknown=frozenset(set(rest) - set(tracked)), changes=len(changes))
 
-    @staticmethod
     async def _time_out(
-        uow: StatusUnitOfWork,
-        inputs: dict[str, DeviceInput],
-        default_timeout: float,
-        first_check: timedelta,
+        self, uow: StatusUnitOfWork, inputs: dict[str, DeviceInput], first_check: timedelta
     ) -> TimedOut:
-        """Inactivity timeouts of silent devices, with a fraction of the general way's reads
-        and writes: when a whole fleet falls silent, these are thousands a second. A device
-        with an open MQTT connection, or no longer overdue, or not online, goes the general
-        way (`_interpret`, `_apply`)."""
-        timeouts = {d: r for d, item in inputs.items() if (r := item.timeout_only()) is not None}
+        """Inactivity timeouts of silent devices, without reading them: when a whole fleet
+        falls silent, these are thousands a second. A timeout at the deadline a device was
+        armed with after its last write (online, no MQTT connection open) is `timed_out`,
+        written under the version it was armed at; any other goes the general way."""
         done = TimedOut()
-        if not timeouts:
-            return done
-        live = await uow.repo.load_liveness(timeouts, default_timeout_s=default_timeout)
-        written: list[tuple[LiveDevice, datetime]] = []
-        for device_id, report in timeouts.items():
-            device = live.get(device_id)
-            if device is None or device.mqtt_connected:
+        rows: list[tuple[StatusChanged, int, datetime]] = []
+        for device_id, item in inputs.items():
+            report = item.timeout_only()
+            armed = None if report is None else self.timers.armed(device_id, report.observed_at)
+            if report is None or armed is None:
                 continue
-            if not device.status.is_overdue(report.observed_at):
-                continue
-            change = device.status.apply(_explained_timeout(report, device.status))
-            if change is None or change.current is not DeviceState.OFFLINE:
-                continue
+            detail = report.detail or _silence_detail(armed.offline_timeout_s)
+            change = timed_out(device_id, armed.sequence, armed.deadline, detail)
+            next_check = change.at + first_check
             done.changes.append(change)
-            done.next_checks[device_id] = change.at + first_check
-            written.append((device, done.next_checks[device_id]))
-        await uow.repo.save_timed_out(written)
+            done.next_checks[device_id] = next_check
+            rows.append((change, armed.version, next_check))
+        await uow.repo.save_timed_out(rows)
         return done
 
     def _apply(
@@ -381,8 +406,7 @@ class StatusService:
             await uow.repo.insert_many(list(created.values()))
             await uow.repo.save_many(list(known.values()))
             await uow.repo.add_history(changes)
-            for change in changes:
-                uow.emit(contracts.status_changed(change))
+            _emit(uow, changes)
             await uow.commit()
         for device in [*known.values(), *created.values()]:
             self.timers.track(device)
@@ -454,8 +478,7 @@ class StatusService:
             changes = self._apply(device, [report], self._first_check_delay())
             await uow.repo.save_many([device])
             await uow.repo.add_history(changes)
-            for change in changes:
-                uow.emit(contracts.status_changed(change))
+            _emit(uow, changes)
             await uow.commit()
         self.timers.track(device)
         return device
@@ -516,15 +539,18 @@ class StatusService:
         for row in rows:
             deadline: datetime | None = None
             next_check: datetime | None = None
+            armed: Armed | None = None
             if row.status == DeviceState.ONLINE.value:
                 timeout = resolve_timeout(
                     row.timeout_override_s, row.type_timeout_s, default_timeout
                 )
                 latest = row.since if row.last_seen is None else max(row.since, row.last_seen)
                 deadline = latest + timedelta(seconds=timeout)
+                if not row.mqtt_connected:
+                    armed = Armed(deadline, row.version, row.sequence, timeout)
             else:
                 next_check = row.next_check_at
-            self.timers.set_deadlines(row.device_id, deadline, next_check)
+            self.timers.set_deadlines(row.device_id, deadline, next_check, armed)
         return len(rows)
 
     async def mqtt_connected_ids(self) -> set[str]:
@@ -533,6 +559,12 @@ class StatusService:
 
     def _default_timeout(self) -> float:
         return self.options.offline_timeout_s()
+
+
+def _emit(uow: StatusUnitOfWork, changes: list[StatusChanged]) -> None:
+    for change in changes:
+        event_id, payload = contracts.encoded_status_changed(change)
+        uow.emit_encoded(event_id, contracts.STATUS_CHANGED_SUBJECT, payload)
 
 
 def _explained_timeout(report: StatusReport, status: DeviceStatus) -> StatusReport:

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from fleetmesh.bootstrap import Platform
 from fleetmesh.core.clock import to_rfc3339
 from fleetmesh.core.envelope import subject_for_type
 from fleetmesh.core.tables import outbox
 from fleetmesh.status import contracts
-from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport
+from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport, timed_out
 from fleetmesh.status.repository import (
     ConcurrentUpdate,
     SqlStatusRepository,
     StatusReader,
     TrackedDevice,
+    status_devices,
 )
 from fleetmesh.status.service import DeviceInput, StatusService
 
@@ -169,29 +170,53 @@ async def test_timeouts_take_only_silent_devices_offline(platform: Platform) -> 
     assert history[-1].detail == "no sign of life for 1h"
 
 
-async def test_a_timeout_is_not_written_over_a_row_changed_since_it_was_read(
-    platform: Platform,
-) -> None:
+async def _armed_online(platform: Platform, device_id: str) -> tuple[StatusService, datetime]:
+    """A device registered and seen once, and the deadline its timers were armed with."""
     service = platform.provided("status_service")
     assert isinstance(service, StatusService)
     now = service.clock.now()
-    await service.project([contracts.Registered("raced-silence", to_rfc3339(now), None)])
+    await service.project([contracts.Registered(device_id, to_rfc3339(now), None)])
     seen = now + timedelta(seconds=1)
     online = StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, seen)
-    await service.apply_inputs({"raced-silence": _input(online)})
-    dialect = platform.database.engine.dialect.name
+    await service.apply_inputs({device_id: _input(online)})
+    return service, seen + timedelta(seconds=service.options.offline_timeout_s())
+
+
+async def test_a_timeout_armed_before_a_write_it_did_not_see_goes_the_general_way(
+    platform: Platform,
+) -> None:
+    service, due = await _armed_online(platform, "raced-silence")
+    armed = service.timers.armed("raced-silence", due)
+    assert armed is not None and armed.sequence == 1
+    async with platform.database.session() as session:  # another writer opens a connection
+        await session.execute(
+            update(status_devices)
+            .where(status_devices.c.device_id == "raced-silence")
+            .values(mqtt_connected=True, version=status_devices.c.version + 1)
+        )
+        await session.commit()
     async with platform.database.session() as session:
-        repo = SqlStatusRepository(session, dialect)
-        stale = (await repo.load_liveness(["raced-silence"], default_timeout_s=TIMEOUT_S))[
-            "raced-silence"
-        ]
-    later = StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, seen + timedelta(seconds=9))
-    await service.apply_inputs({"raced-silence": _input(later)})
-    due = seen + timedelta(seconds=TIMEOUT_S)
-    assert stale.status.apply(StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, due))
-    async with platform.database.session() as session:
+        change = timed_out("raced-silence", armed.sequence, due, "silent")
         with pytest.raises(ConcurrentUpdate):
-            await SqlStatusRepository(session, dialect).save_timed_out([(stale, due)])
+            await SqlStatusRepository(
+                session, platform.database.engine.dialect.name
+            ).save_timed_out([(change, armed.version, due)])
         await session.rollback()
+
+    timeout = StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, due)
+    result = await service.apply_inputs({"raced-silence": _input(timeout)})
+
     stored = (await _stored(platform, ["raced-silence"]))["raced-silence"]
-    assert stored.status.status is DeviceState.ONLINE
+    assert result.changes == 0  # its open connection keeps it online
+    assert stored.status.status is DeviceState.ONLINE and stored.status.last_seen == due
+
+
+async def test_timers_rebuilt_from_the_store_arm_the_short_way(platform: Platform) -> None:
+    service, due = await _armed_online(platform, "rebuilt")
+    armed = service.timers.armed("rebuilt", due)
+    assert armed is not None
+    service.timers.set_deadlines("rebuilt", None, None)  # forgotten, as after a restart
+
+    await service.rebuild_timers()
+
+    assert service.timers.armed("rebuilt", due) == armed

@@ -17,6 +17,7 @@ from fleetmesh.status.domain import (
     StatusCause,
     StatusChanged,
     StatusReport,
+    timed_out,
 )
 
 pytestmark = pytest.mark.unit
@@ -366,3 +367,21 @@ def test_any_report_sequence_keeps_the_invariants(stream: list[StatusReport]) ->
         assert previous.current is current.previous
     if device.events:
         assert device.since == device.events[-1].at
+
+
+@settings(max_examples=300, deadline=None)
+@given(reports)
+def test_a_due_timeout_does_what_timed_out_says(stream: list[StatusReport]) -> None:
+    device = new_device(timeout_s=30)
+    for r in stream:
+        device.apply(r)
+    deadline = device.deadline()
+    if deadline is None:
+        return
+    before = (device.sequence, device.version)
+
+    change = device.apply(report(OFFLINE, Cause.TIMEOUT, (deadline - t(0)).total_seconds(), "x"))
+
+    assert change == timed_out(device.device_id, before[0], deadline, "x")
+    assert (device.status, device.since, device.last_update) == (OFFLINE, deadline, deadline)
+    assert (device.sequence, device.version) == (before[0] + 1, before[1] + 1)
