@@ -24,6 +24,9 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 STATUS_HEADER = "Status"
 NO_RESPONDERS = "503"
 PENDING_LIMIT = 1_000_000
+YIELD_EVERY = 100
+"""Messages published between two turns given to the rest of the event loop: a batch of
+thousands would otherwise hold it for tens of milliseconds."""
 
 
 class PublishRejected(RuntimeError):
@@ -118,6 +121,8 @@ class AckedPublisher:
         """Publish in order until one cannot be sent; how many were sent."""
         reply = f"{self._prefix}.{number}."
         for index, message in enumerate(messages):
+            if index and index % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             try:
                 await self._nc.publish(
                     message.subject,
