@@ -241,10 +241,10 @@ class StatusService:
         default_timeout = self.options.offline_timeout_s()
         policy_delay = self._first_check_delay()
         async with self._uow() as uow:
-            timed_out = TimedOut()
+            silenced = TimedOut()
             if short_timeouts:
-                timed_out = await self._time_out(uow, inputs, policy_delay)
-            rest = {d: item for d, item in inputs.items() if d not in timed_out.next_checks}
+                silenced = await self._time_out(uow, inputs, policy_delay)
+            rest = {d: item for d, item in inputs.items() if d not in silenced.next_checks}
             tracked = await uow.repo.load(rest, default_timeout_s=default_timeout)
             answers = [
                 (device_id, command_id, at)
@@ -253,7 +253,7 @@ class StatusService:
                 for command_id, at in item.answers
             ]
             ours = await uow.repo.answer_checks(answers)
-            changes: list[StatusChanged] = timed_out.changes
+            changes: list[StatusChanged] = silenced.changes
             samples: list[QualitySample] = []
             for device_id, item in rest.items():
                 device = tracked.get(device_id)
@@ -283,7 +283,7 @@ class StatusService:
                 await uow.repo.raise_offset(*offset)
             _emit(uow, changes)
             await uow.commit()
-        for device_id, next_check in timed_out.next_checks.items():
+        for device_id, next_check in silenced.next_checks.items():
             self.timers.set_deadlines(device_id, None, next_check)
         for device in tracked.values():
             self.timers.track(device)
