@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -37,3 +39,20 @@ def client_for(platform: Platform) -> httpx.AsyncClient:
         base_url="http://fleetmesh.test",
         headers={"Authorization": f"Bearer {admin_key(platform)}"},
     )
+
+
+class Restartable(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def restart_repeatedly(
+    component: Restartable, *, every_s: float, down_s: float, times: int = 3
+) -> None:
+    """Stop and start the component `times` times while other work goes on."""
+    for _ in range(times):
+        await asyncio.sleep(every_s)
+        await component.stop()
+        await asyncio.sleep(down_s)
+        await component.start()

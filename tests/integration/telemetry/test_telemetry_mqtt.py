@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 from fleetmesh.bootstrap import Platform
 from fleetmesh.telemetry.bridge import MqttBridge
 from fleetmesh.telemetry.mqtt import DEVICES_IN_STREAM
+from support import restart_repeatedly
 
 pytestmark = pytest.mark.integration
 
@@ -251,14 +252,7 @@ async def test_restarting_the_mqtt_consumer_while_devices_publish_loses_and_dupl
                 value = float(n % 80)  # inside the type's range
                 await device.publish("devices/m-r/telemetry", point(value, at + n), qos=1)
 
-    async def restart() -> None:
-        for _ in range(3):
-            await asyncio.sleep(0.1)
-            await consumer.stop()
-            await asyncio.sleep(0.05)
-            await consumer.start()
-
-    await asyncio.gather(publish(), restart())
+    await asyncio.gather(publish(), restart_repeatedly(consumer, every_s=0.1, down_s=0.05))
     points = await wait_stored(client, "m-r", published, timeout=30.0)
     await asyncio.sleep(0.3)  # anything stored twice would show up by now
     points = await stored(client, "m-r")

@@ -21,6 +21,7 @@ from fleetmesh.telemetry.contracts import IngestMessage, WirePoint
 from fleetmesh.telemetry.ingest import Ingestor
 from fleetmesh.telemetry.retention import RetentionJob
 from fleetmesh.telemetry.writer import WRITER_DURABLE, TelemetryWriter
+from support import restart_repeatedly
 
 pytestmark = pytest.mark.integration
 
@@ -163,14 +164,8 @@ async def test_restarting_the_writer_while_ingesting_loses_and_duplicates_nothin
             assert answer.status_code == 202, answer.text
             accepted.append(answer.json()["accepted"])
 
-    async def restart() -> None:
-        for _ in range(3):
-            await asyncio.sleep(0.15)
-            await writer.stop()
-            await asyncio.sleep(0.1)
-            await writer.start()
-
-    await asyncio.gather(*(produce(w) for w in range(4)), restart())
+    restart = restart_repeatedly(writer, every_s=0.15, down_s=0.1)
+    await asyncio.gather(*(produce(w) for w in range(4)), restart)
     await writer_idle(platform)
 
     assert len(accepted) == 48
