@@ -40,22 +40,18 @@ class CloudEvent:
     extensions: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "specversion": SPEC_VERSION,
-            "id": self.id,
-            "source": self.source,
-            "type": self.type,
-            "time": to_rfc3339(self.time),
-            "datacontenttype": self.datacontenttype,
-        }
-        if self.subject is not None:
-            body["subject"] = self.subject
-        body["correlationid"] = self.correlationid or self.id
-        if self.causationid:
-            body["causationid"] = self.causationid
-        body.update(self.extensions)
-        body["data"] = self.data
-        return body
+        return envelope(
+            event_id=self.id,
+            source=self.source,
+            event_type=self.type,
+            time=to_rfc3339(self.time),
+            subject=self.subject,
+            data=self.data,
+            datacontenttype=self.datacontenttype,
+            correlationid=self.correlationid,
+            causationid=self.causationid,
+            extensions=self.extensions,
+        )
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self.to_dict())
@@ -63,6 +59,40 @@ class CloudEvent:
     @property
     def nats_subject(self) -> str:
         return subject_for_type(self.type)
+
+
+def envelope(
+    *,
+    event_id: str,
+    source: str,
+    event_type: str,
+    time: str,
+    subject: str | None,
+    data: Any,
+    datacontenttype: str = "application/json",
+    correlationid: str | None = None,
+    causationid: str | None = None,
+    extensions: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON object of an event, its time already rendered (RFC 3339). `CloudEvent`
+    goes through here; a hot path may too, without building a `CloudEvent` first."""
+    body: dict[str, Any] = {
+        "specversion": SPEC_VERSION,
+        "id": event_id,
+        "source": source,
+        "type": event_type,
+        "time": time,
+        "datacontenttype": datacontenttype,
+    }
+    if subject is not None:
+        body["subject"] = subject
+    body["correlationid"] = correlationid or event_id
+    if causationid:
+        body["causationid"] = causationid
+    if extensions:
+        body.update(extensions)
+    body["data"] = data
+    return body
 
 
 _KNOWN_ATTRIBUTES = {

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from fleetmesh.core.clock import from_rfc3339, to_rfc3339
-from fleetmesh.core.envelope import SPEC_VERSION, CloudEvent, subject_for_type
+from fleetmesh.core.envelope import CloudEvent, envelope, subject_for_type
 from fleetmesh.core.ids import new_id
 from fleetmesh.status.domain import StatusChanged
 
@@ -100,18 +100,15 @@ def encoded_status_changed(change: StatusChanged) -> tuple[str, bytes]:
     `CloudEvent` is built, and the time is rendered once for the envelope and the data."""
     event_id = new_id()
     at = to_rfc3339(change.at)
-    envelope = {
-        "specversion": SPEC_VERSION,
-        "id": event_id,
-        "source": SOURCE,
-        "type": STATUS_CHANGED,
-        "time": at,
-        "datacontenttype": "application/json",
-        "subject": change.device_id,
-        "correlationid": event_id,
-        "data": _status_changed_data(change, at),
-    }
-    return event_id, _encode(envelope)
+    body = envelope(
+        event_id=event_id,
+        source=SOURCE,
+        event_type=STATUS_CHANGED,
+        time=at,
+        subject=change.device_id,
+        data=_status_changed_data(change, at),
+    )
+    return event_id, _encode(body)
 
 
 def ping_command_subject(device_id: str) -> str:
