@@ -244,12 +244,12 @@ def _padded_size(count: int) -> int:
 
 
 @functools.cache
-def _locked_select(columns: tuple[Any, ...], size: int) -> DriverQuery:
-    """These columns of the devices among `size` ids, locked for update (PostgreSQL;
-    SQLite has one writer at a time)."""
+def _locked_select(size: int) -> DriverQuery:
+    """The tracked devices among `size` ids, locked for update (PostgreSQL; SQLite has
+    one writer at a time)."""
     names = [f"id_{index}" for index in range(size)]
     statement = (
-        select(*columns)
+        select(*_TRACKED_COLUMNS)
         .select_from(_JOINED)
         .where(status_devices.c.device_id.in_([bindparam(name) for name in names]))
         .order_by(status_devices.c.device_id)
@@ -273,7 +273,7 @@ _TIMED_OUT_COLUMNS = (
 def compile_window_statements(dialect: Dialect) -> None:
     """Compile the statements of a full window ahead (a read of 2,048 ids takes tens of
     milliseconds to compile), so the first burst of timeouts does not wait for them."""
-    _locked_select(_TRACKED_COLUMNS, _padded_size(_LOAD_CHUNK)).for_dialect(dialect)
+    _locked_select(_padded_size(_LOAD_CHUNK)).for_dialect(dialect)
     _versioned_update(_TIMED_OUT_COLUMNS).for_dialect(dialect)
     _HISTORY_INSERT.for_dialect(dialect)
 
@@ -295,7 +295,7 @@ class SqlStatusRepository:
         for chunk in _chunks(sorted(set(device_ids)), _LOAD_CHUNK):
             size = _padded_size(len(chunk))
             padded = [*chunk, *[chunk[-1]] * (size - len(chunk))]  # repeats match nothing new
-            for values in await fetch(self.session, _locked_select(_TRACKED_COLUMNS, size), padded):
+            for values in await fetch(self.session, _locked_select(size), padded):
                 tracked = tracked_from_row(_TrackedRow(*values), default_timeout_s)
                 found[tracked.device_id] = tracked
         return found

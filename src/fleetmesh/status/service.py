@@ -303,7 +303,7 @@ class StatusService:
             armed = None if report is None else self.timers.armed(device_id, report.observed_at)
             if report is None or armed is None:
                 continue
-            detail = report.detail or _silence_detail(armed.offline_timeout_s)
+            detail = _timeout_detail(report, armed.offline_timeout_s)
             change = timed_out(device_id, armed.sequence, armed.deadline, detail)
             next_check = change.at + first_check
             done.changes.append(change)
@@ -339,7 +339,10 @@ class StatusService:
                 report.observed_at,
                 detail="MQTT connection still open",
             )
-        return _explained_timeout(report, device.status)
+        if report.detail:
+            return report
+        detail = _timeout_detail(report, device.status.offline_timeout_s)
+        return StatusReport(report.state, report.cause, report.observed_at, detail=detail)
 
     @staticmethod
     def _record_quality(device: TrackedDevice, item: DeviceInput) -> list[QualitySample]:
@@ -567,16 +570,10 @@ def _emit(uow: StatusUnitOfWork, changes: list[StatusChanged]) -> None:
         uow.emit_encoded(event_id, contracts.STATUS_CHANGED_SUBJECT, payload)
 
 
-def _explained_timeout(report: StatusReport, status: DeviceStatus) -> StatusReport:
-    """A timeout report saying how long the device was silent (unless it says why already)."""
-    if report.detail:
-        return report
-    return StatusReport(
-        report.state,
-        report.cause,
-        report.observed_at,
-        detail=_silence_detail(status.offline_timeout_s),
-    )
+def _timeout_detail(report: StatusReport, offline_timeout_s: float) -> str:
+    """Why a timeout took the device offline: what the report says, else how long it was
+    silent."""
+    return report.detail or _silence_detail(offline_timeout_s)
 
 
 @lru_cache(maxsize=256)
