@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleetmesh.core.bulk import DriverQuery, DriverStatement, executemany, fetch
 from fleetmesh.core.sqltypes import UtcDateTime
+from fleetmesh.status import timeout_writes
 from fleetmesh.status.domain import (
     MAX_OFFLINE_TIMEOUT_S,
     DeviceState,
@@ -258,23 +259,10 @@ def _locked_select(size: int) -> DriverQuery:
     return DriverQuery(statement, names)
 
 
-_TIMED_OUT_COLUMNS = (
-    "status",
-    "cause",
-    "since",
-    "last_update",
-    "sequence",
-    "version",
-    "check_attempt",
-    "next_check_at",
-)
-
-
 def compile_window_statements(dialect: Dialect) -> None:
     """Compile the statements of a full window ahead (a read of 2,048 ids takes tens of
     milliseconds to compile), so the first burst of timeouts does not wait for them."""
     _locked_select(_padded_size(_LOAD_CHUNK)).for_dialect(dialect)
-    _versioned_update(_TIMED_OUT_COLUMNS).for_dialect(dialect)
     _HISTORY_INSERT.for_dialect(dialect)
 
 
@@ -301,13 +289,17 @@ class SqlStatusRepository:
         return found
 
     async def save_timed_out(self, devices: Sequence[tuple[StatusChanged, int, datetime]]) -> None:
-        """Write devices an inactivity timeout took offline: (the transition, the row version
-        it was decided on, the first health check). Raises `ConcurrentUpdate`, writing
-        nothing the caller may keep, if any row is no longer at that version."""
-        rows = [_timed_out_row(*device) for device in devices]
-        written = await executemany(self.session, _versioned_update(_TIMED_OUT_COLUMNS), rows)
-        if 0 <= written != len(rows):
-            raise ConcurrentUpdate(f"{len(rows) - written} status rows changed concurrently")
+        """Write devices an inactivity timeout took offline, with their history rows:
+        (the transition, the row version it was decided on, the first health check).
+        Raises `ConcurrentUpdate`, writing nothing the caller may keep, if any row is no
+        longer at that version."""
+        if not devices:
+            return
+        rows = timeout_writes.encoded_rows(devices)
+        written = await timeout_writes.update_status_rows(self.session, self.dialect, rows)
+        if 0 <= written != len(devices):
+            raise ConcurrentUpdate(f"{len(devices) - written} status rows changed concurrently")
+        await timeout_writes.insert_history(self.session, self.dialect, rows)
 
     async def insert_many(self, new_devices: Sequence[TrackedDevice]) -> None:
         """Store newly registered devices with their history row 0 (the registration)."""
@@ -742,21 +734,6 @@ def tracked_from_row(row: Any, default_timeout_s: float) -> TrackedDevice:
     )
     tracked.stored_row = _device_row(tracked)
     return tracked
-
-
-def _timed_out_row(change: StatusChanged, version: int, next_check_at: datetime) -> dict[str, Any]:
-    return {
-        "status": change.current.value,
-        "cause": change.cause.value,
-        "since": change.at,
-        "last_update": change.at,
-        "sequence": change.sequence,
-        "version": version + 1,
-        "check_attempt": 0,
-        "next_check_at": next_check_at,
-        "b_device_id": change.device_id,
-        "b_version": version,
-    }
 
 
 def _device_row(tracked: TrackedDevice) -> dict[str, Any]:

@@ -253,7 +253,7 @@ class StatusService:
                 for command_id, at in item.answers
             ]
             ours = await uow.repo.answer_checks(answers)
-            changes: list[StatusChanged] = silenced.changes
+            changes: list[StatusChanged] = []
             samples: list[QualitySample] = []
             for device_id, item in rest.items():
                 device = tracked.get(device_id)
@@ -281,6 +281,7 @@ class StatusService:
             await uow.repo.add_quality(samples)
             if offset is not None:
                 await uow.repo.raise_offset(*offset)
+            changes = silenced.changes + changes
             _emit(uow, changes)
             await uow.commit()
         for device_id, next_check in silenced.next_checks.items():

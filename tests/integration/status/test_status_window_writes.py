@@ -220,3 +220,48 @@ async def test_timers_rebuilt_from_the_store_arm_the_short_way(platform: Platfor
     await service.rebuild_timers()
 
     assert service.timers.armed("rebuilt", due) == armed
+
+
+async def test_a_timeout_written_set_based_stores_what_the_general_way_stores(
+    platform: Platform,
+) -> None:
+    service = platform.provided("status_service")
+    assert isinstance(service, StatusService)
+    devices = ["short-way", "general-way"]
+    now = service.clock.now()
+    await service.project([contracts.TypeDefined("twin-type", TIMEOUT_S)])
+    await service.project([contracts.Registered(d, to_rfc3339(now), "twin-type") for d in devices])
+    seen = now + timedelta(seconds=1, microseconds=123_457)
+    await service.apply_inputs(
+        {d: _input(StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, seen)) for d in devices}
+    )
+    due = seen + timedelta(seconds=TIMEOUT_S)
+    timeout = StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, due)
+
+    short = await service._apply_window({"short-way": _input(timeout)}, None, short_timeouts=True)
+    general = await service._apply_window(
+        {"general-way": _input(timeout)}, None, short_timeouts=False
+    )
+
+    assert short.changes == general.changes == 1
+    async with platform.database.session() as session:
+        rows = {
+            row.device_id: row._asdict()
+            for row in await session.execute(
+                select(status_devices).where(status_devices.c.device_id.in_(devices))
+            )
+        }
+        reader = StatusReader(session)
+        histories = [
+            await reader.history(d, start=None, end=None, after_sequence=0, limit=10)
+            for d in devices
+        ]
+    short_row, general_row = (rows[d] | {"device_id": None} for d in devices)
+    assert short_row == general_row
+    assert short_row["status"] == "offline" and short_row["since"] == due
+    short_history, general_history = (
+        [(h.sequence, h.at, h.previous, h.current, h.cause, h.detail) for h in history]
+        for history in histories
+    )
+    assert short_history == general_history
+    assert short_history[-1] == (2, due, "online", "offline", "timeout", "no sign of life for 1h")
