@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleetmesh.core.bulk import DriverStatement, executemany
 from fleetmesh.core.clock import utcnow
 from fleetmesh.core.database import Database
 from fleetmesh.core.envelope import CloudEvent
-from fleetmesh.core.tables import outbox
+from fleetmesh.core.outbox_rows import OutboxRow, insert_outbox_rows
 
 
 class SqlUnitOfWork:
@@ -29,7 +27,7 @@ class SqlUnitOfWork:
     def __init__(self, database: Database, *, on_commit: Callable[[], None] | None = None) -> None:
         self.database = database
         self._on_commit = on_commit
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[OutboxRow] = []
         """Outbox rows of the events emitted, stamped with one `created_at` at commit."""
         self._session: AsyncSession | None = None
         self._lock_held = False
@@ -73,19 +71,19 @@ class SqlUnitOfWork:
 
     def emit(self, event: CloudEvent) -> None:
         """Publish this event if, and only if, the transaction commits."""
-        self._pending.append(_outbox_row(event.id, event.nats_subject, event.to_json()))
+        self._pending.append((event.id, event.nats_subject, event.to_json()))
 
     def emit_encoded(self, event_id: str, subject: str, payload: bytes) -> None:
         """`emit` for an event already encoded as its CloudEvent JSON (a hot path's own
         encoder, which must give the bytes `CloudEvent.to_json` would)."""
-        self._pending.append(_outbox_row(event_id, subject, payload))
+        self._pending.append((event_id, subject, payload))
 
     async def commit(self) -> None:
         if self._pending:
-            created_at = utcnow()  # once the rows are built: no row is stamped before its event
-            for row in self._pending:
-                row["created_at"] = created_at
-            await executemany(self.session, _OUTBOX_INSERT, self._pending)
+            # Once the rows are built: no row is stamped before its event.
+            await insert_outbox_rows(
+                self.session, self.database.engine.dialect.name, self._pending, utcnow()
+            )
             self._pending.clear()
         await self.session.commit()
         if self._on_commit is not None:
@@ -94,19 +92,3 @@ class SqlUnitOfWork:
     async def rollback(self) -> None:
         self._pending.clear()
         await self.session.rollback()
-
-
-_OUTBOX_INSERT = DriverStatement(
-    insert(outbox),
-    ("event_id", "subject", "payload", "created_at", "published_at", "attempts"),
-)
-
-
-def _outbox_row(event_id: str, subject: str, payload: bytes) -> dict[str, Any]:
-    return {
-        "event_id": event_id,
-        "subject": subject,
-        "payload": payload,
-        "published_at": None,
-        "attempts": 0,
-    }

@@ -10,7 +10,9 @@ from sqlalchemy import select, update
 
 from fleetmesh.bootstrap import Platform
 from fleetmesh.core.backbone import EVENTS_STREAM
+from fleetmesh.core.envelope import CloudEvent
 from fleetmesh.core.tables import outbox
+from fleetmesh.core.uow import SqlUnitOfWork
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +98,36 @@ async def test_a_pipelined_batch_is_stored_in_outbox_order(
         for message in await subscription.fetch(100, timeout=5):
             in_stream.append(message.headers["Nats-Msg-Id"])  # type: ignore[index]
     assert in_stream == in_outbox
+
+
+async def test_a_transaction_s_events_are_stored_in_emit_order_byte_for_byte(
+    platform: Platform,
+) -> None:
+    await platform.relay.stop()
+    events = [
+        CloudEvent(
+            type="fleetmesh.test.stored.v1",
+            source="/tests",
+            data={"n": n, "text": f'quote " backslash \\ newline \n tab \t ü ✓ {n}'},
+        )
+        for n in range(1_500)
+    ]
+    async with SqlUnitOfWork(platform.database) as uow:
+        for event in events:
+            uow.emit(event)
+        await uow.commit()
+    async with platform.database.session() as session:
+        rows = (
+            await session.execute(
+                select(outbox)
+                .where(outbox.c.subject == events[0].nats_subject)
+                .order_by(outbox.c.seq)
+            )
+        ).all()
+    assert [(row.event_id, bytes(row.payload)) for row in rows] == [
+        (event.id, event.to_json()) for event in events
+    ]
+    assert {(row.created_at, row.published_at, row.attempts) for row in rows} == {
+        (rows[0].created_at, None, 0)
+    }
+    assert rows[0].created_at.tzinfo is not None
