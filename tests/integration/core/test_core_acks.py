@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from nats.js.api import DiscardPolicy, StreamConfig
 
@@ -88,3 +90,38 @@ async def test_messages_that_cannot_be_sent_are_reported_not_published(
     outcomes = await publisher.publish(messages(3), timeout=1)
 
     assert [str(outcome) for outcome in outcomes] == ["not published"] * 3
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        OrderedPublish("acktest.with space", b"x", "bad-subject"),
+        OrderedPublish("acktest.*", b"x", "wildcard"),
+        OrderedPublish("acktest.a", b"x", "line\r\nbreak"),
+        OrderedPublish("acktest.a", b"", "too-big"),
+    ],
+)
+async def test_a_message_that_cannot_be_framed_ends_the_batch_unsent(
+    sqlite_platform: Platform, publisher: AckedPublisher, bad: OrderedPublish
+) -> None:
+    if bad.msg_id == "too-big":
+        bad = replace(bad, payload=b"x" * (sqlite_platform.backbone.nc.max_payload + 1))
+    batch = [*messages(150), bad, *messages(3, prefix="after")]
+
+    outcomes = await publisher.publish(batch, timeout=10)
+
+    assert outcomes[:150] == [None] * 150
+    assert [str(outcome) for outcome in outcomes[150:]] == ["not published"] * 4
+    assert (await sqlite_platform.backbone.js.stream_info(STREAM)).state.messages == 150
+    assert await publisher.publish(messages(1, prefix="next"), timeout=10) == [None]
+
+
+async def test_frames_carry_the_message_id_header_and_payload_byte_for_byte(
+    sqlite_platform: Platform, publisher: AckedPublisher
+) -> None:
+    payload = 'quote " ü ✓ \r\n end'.encode()
+    await publisher.publish([OrderedPublish("acktest.b", payload, "id-with-dash_1")], timeout=10)
+
+    stored = await sqlite_platform.backbone.js.get_msg(STREAM, 1)
+    assert stored.data == payload
+    assert stored.headers == {"Nats-Msg-Id": "id-with-dash_1"}
