@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -27,3 +28,22 @@ def test_new_ids_are_ulids_of_now_and_differ() -> None:
     assert first != second
     assert before <= ULID.from_str(first).milliseconds <= after
     assert ulid_of(before - 1, b"\xff" * 10) < first  # the time part sorts first
+
+
+def test_a_hundred_thousand_ids_do_not_collide() -> None:
+    assert len({new_id() for _ in range(100_000)}) == 100_000
+
+
+def test_a_forked_child_draws_other_random_bits_than_its_parent() -> None:
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os.write(write_end, new_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    parent_id = new_id()
+    child_id = os.read(read_end, 26).decode()
+    os.close(read_end)
+    os.waitpid(child, 0)
+    assert len(child_id) == 26
+    assert child_id[10:] != parent_id[10:]  # the random part, after the time
