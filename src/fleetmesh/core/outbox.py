@@ -127,7 +127,7 @@ class OutboxRelay:
         leading rows that were stored (after a failure, the rest are published again next
         time, and JetStream drops those it already has)."""
         outcomes = await self.backbone.publish_in_order(
-            [OrderedPublish(row.subject, row.payload, row.event_id) for row in rows]
+            [OrderedPublish(subject, payload, event_id) for _, event_id, subject, payload in rows]
         )
         stored: list[int] = []
         for row, outcome in zip(rows, outcomes, strict=True):
