@@ -25,6 +25,7 @@ from fleetmesh.core.database import Database
 from fleetmesh.core.logging import get_logger
 from fleetmesh.core.metrics import Metrics
 from fleetmesh.core.tables import outbox
+from fleetmesh.core.tasks import stop_task
 
 log = get_logger(__name__)
 
@@ -63,13 +64,7 @@ class OutboxRelay:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        # A cancel can be swallowed by a library awaiting inside the task; repeat it.
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task], timeout=1.0)
-        if task is not None and not task.cancelled():
-            with contextlib.suppress(Exception):
-                task.result()
+        await stop_task(task)
 
     async def _run(self) -> None:
         cycles = 0

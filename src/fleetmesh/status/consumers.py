@@ -44,7 +44,7 @@ from fleetmesh.status import contracts
 from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport
 from fleetmesh.status.liveness import ReportBatcher
 from fleetmesh.status.service import FlushResult, StatusService
-from fleetmesh.status.tasks import stop_task
+from fleetmesh.core.tasks import stop_task
 
 log = get_logger(__name__)
 

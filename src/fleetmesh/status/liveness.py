@@ -49,7 +49,7 @@ from fleetmesh.status.service import (
     PingToSend,
     StatusService,
 )
-from fleetmesh.status.tasks import stop_task, wait_event
+from fleetmesh.core.tasks import stop_task, wait_event
 
 log = get_logger(__name__)
 

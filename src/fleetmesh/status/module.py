@@ -23,7 +23,7 @@ from fleetmesh.status.options import StatusOptions
 from fleetmesh.status.presence import MqttPresence
 from fleetmesh.status.queries import StatusQueries
 from fleetmesh.status.service import StatusService
-from fleetmesh.status.tasks import stop_task
+from fleetmesh.core.tasks import stop_task
 
 NAME = "status"
 log = get_logger(__name__)

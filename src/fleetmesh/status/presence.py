@@ -38,7 +38,7 @@ from fleetmesh.core.logging import get_logger
 from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport
 from fleetmesh.status.liveness import ReportBatcher
 from fleetmesh.status.service import StatusService
-from fleetmesh.status.tasks import stop_task
+from fleetmesh.core.tasks import stop_task
 
 log = get_logger(__name__)
 
