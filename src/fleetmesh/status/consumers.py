@@ -40,11 +40,11 @@ from nats.js.errors import NotFoundError
 from fleetmesh.core.backbone import EVENTS_STREAM, Backbone
 from fleetmesh.core.clock import Clock
 from fleetmesh.core.logging import get_logger
+from fleetmesh.core.tasks import stop_task
 from fleetmesh.status import contracts
 from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport
 from fleetmesh.status.liveness import ReportBatcher
 from fleetmesh.status.service import FlushResult, StatusService
-from fleetmesh.core.tasks import stop_task
 
 log = get_logger(__name__)
 

@@ -38,6 +38,7 @@ from datetime import datetime, timedelta
 
 from fleetmesh.core.clock import Clock
 from fleetmesh.core.logging import get_logger
+from fleetmesh.core.tasks import stop_task, wait_event
 from fleetmesh.status import contracts
 from fleetmesh.status.deadlines import DeadlineScheduler
 from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport
@@ -49,7 +50,6 @@ from fleetmesh.status.service import (
     PingToSend,
     StatusService,
 )
-from fleetmesh.core.tasks import stop_task, wait_event
 
 log = get_logger(__name__)
 

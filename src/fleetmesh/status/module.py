@@ -15,6 +15,7 @@ from typing import Any
 from fleetmesh.core.logging import get_logger
 from fleetmesh.core.module import Deps, Module
 from fleetmesh.core.nats_server import SERVICE_ACCOUNT
+from fleetmesh.core.tasks import stop_task
 from fleetmesh.status import contracts
 from fleetmesh.status.api import create_router
 from fleetmesh.status.consumers import DeviceMessages, LivenessConsumer, ProjectionConsumer
@@ -23,7 +24,6 @@ from fleetmesh.status.options import StatusOptions
 from fleetmesh.status.presence import MqttPresence
 from fleetmesh.status.queries import StatusQueries
 from fleetmesh.status.service import StatusService
-from fleetmesh.core.tasks import stop_task
 
 NAME = "status"
 log = get_logger(__name__)

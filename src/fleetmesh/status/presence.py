@@ -35,10 +35,10 @@ from nats.aio.client import Client
 from fleetmesh.core.backbone import NatsEndpoint
 from fleetmesh.core.clock import Clock, from_rfc3339
 from fleetmesh.core.logging import get_logger
+from fleetmesh.core.tasks import stop_task
 from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport
 from fleetmesh.status.liveness import ReportBatcher
 from fleetmesh.status.service import StatusService
-from fleetmesh.core.tasks import stop_task
 
 log = get_logger(__name__)
 
