@@ -133,7 +133,15 @@ class OutboxRelay:
         return stored
 
     async def _mark_sent(self, session: AsyncSession, seqs: list[int]) -> None:
-        statement = update(outbox).where(outbox.c.seq.in_(seqs)).values(published_at=utcnow())
+        """Mark the rows published. On SQLite the leading rows of a read are every unpublished
+        row between the first and the last (its rowids only grow), so a range finds them
+        without thousands of bound ids; on PostgreSQL a row of a transaction still open
+        may lie between, so the ids are named."""
+        if self.database.is_sqlite:
+            where = [outbox.c.seq.between(seqs[0], seqs[-1]), outbox.c.published_at.is_(None)]
+        else:
+            where = [outbox.c.seq.in_(seqs)]
+        statement = update(outbox).where(*where).values(published_at=utcnow())
         async with self.database.writing():
             await session.execute(statement)
             await session.commit()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -131,3 +132,41 @@ async def test_a_transaction_s_events_are_stored_in_emit_order_byte_for_byte(
         (rows[0].created_at, None, 0)
     }
     assert rows[0].created_at.tzinfo is not None
+
+
+async def test_marking_a_batch_published_leaves_rows_another_relay_marked(
+    platform: Platform,
+) -> None:
+    await platform.relay.stop()
+    while await platform.relay.publish_pending():
+        pass  # what the platform emitted while starting
+    events = [
+        CloudEvent(type="fleetmesh.test.marked.v1", source="/tests", data=n) for n in range(6)
+    ]
+    async with SqlUnitOfWork(platform.database) as uow:
+        for event in events:
+            uow.emit(event)
+        await uow.commit()
+    earlier = datetime(2020, 1, 1, tzinfo=UTC)
+    async with platform.database.session() as session:
+        await session.execute(
+            update(outbox).where(outbox.c.event_id == events[2].id).values(published_at=earlier)
+        )
+        await session.commit()
+
+    assert await platform.relay.publish_pending() == 5
+
+    async with platform.database.session() as session:
+        marked = dict(
+            (
+                await session.execute(
+                    select(outbox.c.event_id, outbox.c.published_at).where(
+                        outbox.c.event_id.in_([e.id for e in events])
+                    )
+                )
+            ).all()
+        )
+    assert marked[events[2].id] == earlier
+    others = [marked[e.id] for n, e in enumerate(events) if n != 2]
+    assert all(at is not None and at > earlier for at in others)
+    assert await platform.relay.backlog() == 0
