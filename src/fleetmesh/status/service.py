@@ -11,6 +11,7 @@ the source of truth they can always be rebuilt from.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -281,14 +282,16 @@ class StatusService:
             await uow.repo.add_quality(samples)
             if offset is not None:
                 await uow.repo.raise_offset(*offset)
-            changes = silenced.changes + changes
             _emit(uow, changes)
             await uow.commit()
         for device_id, next_check in silenced.next_checks.items():
             self.timers.set_deadlines(device_id, None, next_check)
         for device in tracked.values():
             self.timers.track(device)
-        return FlushResult(unknown=frozenset(set(rest) - set(tracked)), changes=len(changes))
+        return FlushResult(
+            unknown=frozenset(set(rest) - set(tracked)),
+            changes=len(silenced.changes) + len(changes),
+        )
 
     async def _time_out(
         self, uow: StatusUnitOfWork, inputs: dict[str, DeviceInput], first_check: timedelta
@@ -296,7 +299,8 @@ class StatusService:
         """Inactivity timeouts of silent devices, without reading them: when a whole fleet
         falls silent, these are thousands a second. A timeout at the deadline a device was
         armed with after its last write (online, no MQTT connection open) is `timed_out`,
-        written under the version it was armed at; any other goes the general way."""
+        written under the version it was armed at; any other goes the general way. Their
+        events are emitted first in the window, encoded while the database writes the rows."""
         done = TimedOut()
         rows: list[tuple[StatusChanged, int, datetime]] = []
         for device_id, item in inputs.items():
@@ -310,7 +314,12 @@ class StatusService:
             done.changes.append(change)
             done.next_checks[device_id] = next_check
             rows.append((change, armed.version, next_check))
-        await uow.repo.save_timed_out(rows)
+        writing = asyncio.ensure_future(uow.repo.save_timed_out(rows))
+        try:
+            await asyncio.sleep(0)  # the task runs up to the database's thread, then this goes on
+            _emit(uow, done.changes)
+        finally:
+            await writing
         return done
 
     def _apply(
