@@ -6,13 +6,15 @@ by one (a dict per row, its times converted, then a parameter tuple), the rows c
 more Python than the rest of the transition; as one JSON document they are encoded
 in C, and SQLite or PostgreSQL takes them apart in C too, off the event loop. The
 transitions themselves are still decided by the domain (`domain.timed_out`); the SQL
-only maps their fields onto columns.
+only maps their fields onto columns. What transitions share (the states, the cause,
+the detail) is bound once per statement, so the database reads five fields a row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import msgspec
 from sqlalchemy import text
@@ -22,9 +24,22 @@ from fleetmesh.core.bulk import sqlite_time
 from fleetmesh.status.domain import StatusChanged
 
 # Places in each row of the JSON array.
-_DEVICE, _SEQUENCE, _AT, _NEXT_CHECK, _VERSION, _DETAIL, _PREVIOUS, _CURRENT, _CAUSE = range(9)
+_DEVICE, _SEQUENCE, _AT, _NEXT_CHECK, _VERSION = range(5)
 
 _encode = msgspec.json.Encoder().encode
+
+
+class Shared(NamedTuple):
+    """What a group of transitions has in common."""
+
+    previous: str
+    current: str
+    cause: str
+    detail: str
+
+
+TimedOutRows = list[tuple[Shared, str]]
+"""Groups of transitions: what they share, and their rows as a JSON array."""
 
 
 def _sqlite(place: int) -> str:
@@ -45,7 +60,7 @@ def _pg_int(place: int) -> str:
 
 _SQLITE_UPDATE = f"""
 UPDATE status_devices SET
-    status = {_sqlite(_CURRENT)}, cause = {_sqlite(_CAUSE)},
+    status = :current, cause = :cause,
     since = {_sqlite(_AT)}, last_update = {_sqlite(_AT)},
     sequence = {_sqlite(_SEQUENCE)}, version = status_devices.version + 1,
     check_attempt = 0, next_check_at = {_sqlite(_NEXT_CHECK)}
@@ -56,8 +71,8 @@ WHERE status_devices.device_id = {_sqlite(_DEVICE)}
 
 _SQLITE_HISTORY = f"""
 INSERT INTO status_history (device_id, sequence, at, previous, current, cause, detail)
-SELECT {_sqlite(_DEVICE)}, {_sqlite(_SEQUENCE)}, {_sqlite(_AT)}, {_sqlite(_PREVIOUS)},
-    {_sqlite(_CURRENT)}, {_sqlite(_CAUSE)}, {_sqlite(_DETAIL)}
+SELECT {_sqlite(_DEVICE)}, {_sqlite(_SEQUENCE)}, {_sqlite(_AT)},
+    :previous, :current, :cause, :detail
 FROM json_each(:rows) AS j
 """
 
@@ -65,7 +80,7 @@ _PG_ROWS = "json_array_elements(CAST(:rows AS json)) AS j(e)"
 
 _PG_UPDATE = f"""
 UPDATE status_devices AS d SET
-    status = {_pg_text(_CURRENT)}, cause = {_pg_text(_CAUSE)},
+    status = :current, cause = :cause,
     since = {_pg_time(_AT)}, last_update = {_pg_time(_AT)},
     sequence = {_pg_int(_SEQUENCE)}, version = d.version + 1,
     check_attempt = 0, next_check_at = {_pg_time(_NEXT_CHECK)}
@@ -75,8 +90,8 @@ WHERE d.device_id = {_pg_text(_DEVICE)} AND d.version = {_pg_int(_VERSION)}
 
 _PG_HISTORY = f"""
 INSERT INTO status_history (device_id, sequence, at, previous, current, cause, detail)
-SELECT {_pg_text(_DEVICE)}, {_pg_int(_SEQUENCE)}, {_pg_time(_AT)}, {_pg_text(_PREVIOUS)},
-    {_pg_text(_CURRENT)}, {_pg_text(_CAUSE)}, {_pg_text(_DETAIL)}
+SELECT {_pg_text(_DEVICE)}, {_pg_int(_SEQUENCE)}, {_pg_time(_AT)},
+    :previous, :current, :cause, :detail
 FROM {_PG_ROWS}
 """
 
@@ -86,34 +101,42 @@ _STATEMENTS = {
 }
 
 
-def encoded_rows(devices: Sequence[tuple[StatusChanged, int, datetime]]) -> str:
-    """The JSON array of (transition, version it was decided on, first health check);
-    times in UTC as `YYYY-MM-DD HH:MM:SS.ffffff`, what SQLite stores and PostgreSQL reads."""
-    return _encode(
-        [
-            [
-                change.device_id,
-                change.sequence,
-                sqlite_time(change.at),
-                sqlite_time(next_check),
-                version,
-                change.detail,
-                change.previous.value,
-                change.current.value,
-                change.cause.value,
-            ]
-            for change, version, next_check in devices
+def encoded_rows(devices: Sequence[tuple[StatusChanged, int, datetime]]) -> TimedOutRows:
+    """(transition, version it was decided on, first health check), grouped by what the
+    transitions share; times in UTC as `YYYY-MM-DD HH:MM:SS.ffffff`, what SQLite stores
+    and PostgreSQL reads."""
+    groups: dict[Shared, list[list[object]]] = {}
+    for change, version, next_check in devices:
+        shared = Shared(
+            change.previous.value, change.current.value, change.cause.value, change.detail
+        )
+        row = [
+            change.device_id,
+            change.sequence,
+            sqlite_time(change.at),
+            sqlite_time(next_check),
+            version,
         ]
-    ).decode()
+        group = groups.get(shared)
+        if group is None:
+            groups[shared] = [row]
+        else:
+            group.append(row)
+    return [(shared, _encode(rows).decode()) for shared, rows in groups.items()]
 
 
-async def update_status_rows(session: AsyncSession, dialect: str, rows: str) -> int:
+async def update_status_rows(session: AsyncSession, dialect: str, groups: TimedOutRows) -> int:
     """Take the devices of `encoded_rows` offline where their row is still at the version
-    given; returns how many rows were updated."""
-    updated = await session.execute(_STATEMENTS[dialect][0], {"rows": rows})
-    return int(getattr(updated, "rowcount", -1))
+    given; returns how many rows were updated (-1 when the driver does not tell)."""
+    counts = []
+    for shared, rows in groups:
+        parameters = {"rows": rows, "current": shared.current, "cause": shared.cause}
+        result = await session.execute(_STATEMENTS[dialect][0], parameters)
+        counts.append(int(getattr(result, "rowcount", -1)))
+    return -1 if any(count < 0 for count in counts) else sum(counts)
 
 
-async def insert_history(session: AsyncSession, dialect: str, rows: str) -> None:
+async def insert_history(session: AsyncSession, dialect: str, groups: TimedOutRows) -> None:
     """The history rows of the transitions of `encoded_rows`."""
-    await session.execute(_STATEMENTS[dialect][1], {"rows": rows})
+    for shared, rows in groups:
+        await session.execute(_STATEMENTS[dialect][1], {"rows": rows, **shared._asdict()})

@@ -265,3 +265,45 @@ async def test_a_timeout_written_set_based_stores_what_the_general_way_stores(
     )
     assert short_history == general_history
     assert short_history[-1] == (2, due, "online", "offline", "timeout", "no sign of life for 1h")
+
+
+async def test_timeouts_of_different_lengths_in_one_window_keep_their_own_detail(
+    platform: Platform,
+) -> None:
+    service = platform.provided("status_service")
+    assert isinstance(service, StatusService)
+    now = service.clock.now()
+    kinds = {"hourly": 3600.0, "minutely": 60.0}
+    for name, timeout_s in kinds.items():
+        await service.project([contracts.TypeDefined(name, timeout_s)])
+        await service.project([contracts.Registered(f"{name}-device", to_rfc3339(now), name)])
+    seen = now + timedelta(seconds=1)
+    online = StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, seen)
+    await service.apply_inputs({f"{name}-device": _input(online) for name in kinds})
+
+    result = await service.apply_inputs(
+        {
+            f"{name}-device": _input(
+                StatusReport(
+                    DeviceState.OFFLINE, StatusCause.TIMEOUT, seen + timedelta(seconds=timeout_s)
+                )
+            )
+            for name, timeout_s in kinds.items()
+        }
+    )
+
+    assert result.changes == 2
+    async with platform.database.session() as session:
+        reader = StatusReader(session)
+        last = {
+            name: (
+                await reader.history(
+                    f"{name}-device", start=None, end=None, after_sequence=0, limit=10
+                )
+            )[-1]
+            for name in kinds
+        }
+    assert {name: (h.current, h.at, h.detail) for name, h in last.items()} == {
+        "hourly": ("offline", seen + timedelta(hours=1), "no sign of life for 1h"),
+        "minutely": ("offline", seen + timedelta(minutes=1), "no sign of life for 1m"),
+    }
