@@ -41,7 +41,7 @@ from fleetmesh.core.logging import get_logger
 from fleetmesh.core.tasks import stop_task, wait_event
 from fleetmesh.status import contracts
 from fleetmesh.status.deadlines import DeadlineScheduler
-from fleetmesh.status.domain import DeviceState, StatusCause, StatusReport
+from fleetmesh.status.domain import DeviceState, StatusReport
 from fleetmesh.status.repository import TrackedDevice
 from fleetmesh.status.service import (
     Armed,
@@ -195,6 +195,7 @@ class ReportBatcher:
         quality: tuple[datetime, int, float] | None = None,
         answer: tuple[str, datetime] | None = None,
         offset: tuple[str, int] | None = None,
+        timeout_at: datetime | None = None,
     ) -> asyncio.Future[FlushResult]:
         """Queue input for the device; the future resolves when its input is stored."""
         window = self._open_window()
@@ -210,6 +211,8 @@ class ReportBatcher:
             item.add_quality(*quality)
         if answer is not None:
             item.answers.append(answer)
+        if timeout_at is not None:
+            item.add_timeout(timeout_at)
         if offset is not None and (window.offset is None or offset[1] > window.offset[1]):
             window.offset = offset
         self._has_pending.set()
@@ -377,9 +380,7 @@ class DeadlineRunner:
         due = self.timers.offline.pop_due(now, DUE_BATCH)
         window: asyncio.Future[FlushResult] | None = None
         for device_id, at in due:
-            window = self.batcher.submit(
-                device_id, StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, at)
-            )
+            window = self.batcher.submit(device_id, timeout_at=at)
         if window is not None:
             window.add_done_callback(lambda done: self._rearm_failed(done, due, now))
         return len(due)

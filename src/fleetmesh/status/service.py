@@ -117,6 +117,9 @@ class DeviceInput:
     """bucket -> [points, sum of quality scores]"""
     answers: list[tuple[str, datetime]] = field(default_factory=list)
     """Ping answers: (command id, received at)."""
+    timeout_at: datetime | None = None
+    """An offline deadline that fell due, kept as its time: most of a silent fleet's
+    windows need no `StatusReport` of it (see `timeout_only`)."""
 
     def add(self, report: StatusReport) -> None:
         """Telemetry collapses to its earliest and latest report: the earliest makes the
@@ -128,6 +131,13 @@ class DeviceInput:
             self.first_telemetry = report
         if self.last_telemetry is None or report.observed_at > self.last_telemetry.observed_at:
             self.last_telemetry = report
+
+    def add_timeout(self, at: datetime) -> None:
+        """The device's offline deadline `at` fell due."""
+        if self.timeout_at is None:
+            self.timeout_at = at
+        else:
+            self.reports.append(StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, at))
 
     def add_quality(self, at: datetime, points: int, mean: float) -> None:
         bucket = quality_bucket(at)
@@ -148,17 +158,26 @@ class DeviceInput:
             entry[0] += points
             entry[1] += total
         self.answers += newer.answers
+        if newer.timeout_at is not None:
+            self.add_timeout(newer.timeout_at)
 
-    def timeout_only(self) -> StatusReport | None:
-        """The inactivity timeout, if that is all this window holds for the device."""
-        if len(self.reports) != 1 or self.reports[0].cause is not StatusCause.TIMEOUT:
-            return None
+    def timeout_only(self) -> tuple[datetime, str] | None:
+        """The inactivity timeout (its time and detail), if that is all this window holds
+        for the device."""
         if self.first_telemetry or self.mqtt_connected is not None or self.quality:
             return None
-        return None if self.answers else self.reports[0]
+        if self.answers:
+            return None
+        if self.timeout_at is not None:
+            return None if self.reports else (self.timeout_at, "")
+        if len(self.reports) != 1 or self.reports[0].cause is not StatusCause.TIMEOUT:
+            return None
+        return self.reports[0].observed_at, self.reports[0].detail
 
     def ordered_reports(self) -> list[StatusReport]:
         reports = list(self.reports)
+        if self.timeout_at is not None:
+            reports.append(StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, self.timeout_at))
         for telemetry in (self.first_telemetry, self.last_telemetry):
             if telemetry is not None and telemetry not in reports:
                 reports.append(telemetry)
@@ -304,11 +323,11 @@ class StatusService:
         done = TimedOut()
         rows: list[tuple[StatusChanged, int, datetime]] = []
         for device_id, item in inputs.items():
-            report = item.timeout_only()
-            armed = None if report is None else self.timers.armed(device_id, report.observed_at)
-            if report is None or armed is None:
+            timeout = item.timeout_only()
+            armed = None if timeout is None else self.timers.armed(device_id, timeout[0])
+            if timeout is None or armed is None:
                 continue
-            detail = _timeout_detail(report, armed.offline_timeout_s)
+            detail = _timeout_detail(timeout[1], armed.offline_timeout_s)
             change = timed_out(device_id, armed.sequence, armed.deadline, detail)
             next_check = change.at + first_check
             done.changes.append(change)
@@ -351,7 +370,7 @@ class StatusService:
             )
         if report.detail:
             return report
-        detail = _timeout_detail(report, device.status.offline_timeout_s)
+        detail = _silence_detail(device.status.offline_timeout_s)
         return StatusReport(report.state, report.cause, report.observed_at, detail=detail)
 
     @staticmethod
@@ -580,10 +599,10 @@ def _emit(uow: StatusUnitOfWork, changes: list[StatusChanged]) -> None:
         uow.emit_encoded(event_id, contracts.STATUS_CHANGED_SUBJECT, payload)
 
 
-def _timeout_detail(report: StatusReport, offline_timeout_s: float) -> str:
-    """Why a timeout took the device offline: what the report says, else how long it was
+def _timeout_detail(detail: str, offline_timeout_s: float) -> str:
+    """Why a timeout took the device offline: what its report says, else how long it was
     silent."""
-    return report.detail or _silence_detail(offline_timeout_s)
+    return detail or _silence_detail(offline_timeout_s)
 
 
 @lru_cache(maxsize=256)

@@ -177,13 +177,13 @@ class TestTimers:
 
 class FakeBatcher:
     def __init__(self) -> None:
-        self.submitted: list[tuple[str, StatusReport]] = []
+        self.submitted: list[tuple[str, datetime | None]] = []
 
-    def submit(self, device_id: str, report: StatusReport, **_: Any) -> None:
-        self.submitted.append((device_id, report))
+    def submit(self, device_id: str, *, timeout_at: datetime | None = None, **_: Any) -> None:
+        self.submitted.append((device_id, timeout_at))
 
 
-def test_due_deadlines_become_timeout_reports_observed_at_the_deadline() -> None:
+def test_due_deadlines_are_submitted_as_timeouts_at_the_deadline() -> None:
     timers = Timers()
     timers.set_deadlines("a", at(5), None)
     timers.set_deadlines("b", at(7), None)
@@ -197,10 +197,7 @@ def test_due_deadlines_become_timeout_reports_observed_at_the_deadline() -> None
         clock=None,  # type: ignore[arg-type]
     )
     assert runner.fire_due(at(10)) == 2
-    assert [(d, r.cause, r.observed_at) for d, r in batcher.submitted] == [
-        ("a", StatusCause.TIMEOUT, at(5)),
-        ("b", StatusCause.TIMEOUT, at(7)),
-    ]
+    assert batcher.submitted == [("a", at(5)), ("b", at(7))]
     assert runner.fire_due(at(10)) == 0  # popped: never fires twice
 
 
@@ -211,8 +208,8 @@ async def test_a_timeout_that_could_not_be_written_is_rearmed() -> None:
     window: asyncio.Future[FlushResult] = asyncio.get_running_loop().create_future()
 
     class WindowBatcher(FakeBatcher):
-        def submit(self, device_id: str, report: StatusReport, **_: Any) -> Any:
-            super().submit(device_id, report)
+        def submit(self, device_id: str, *, timeout_at: datetime | None = None, **_: Any) -> Any:
+            super().submit(device_id, timeout_at=timeout_at)
             return window
 
     runner = DeadlineRunner(

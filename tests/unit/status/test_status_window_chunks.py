@@ -148,3 +148,38 @@ def test_merging_later_input_keeps_every_report_and_sums_quality() -> None:
     assert [r.observed_at.second for r in older.ordered_reports()] == [1, 4, 9]
     assert older.quality == {T0: [4, 3.0]}
     assert older.mqtt_connected is False and older.answers == [("cmd", T0)]
+
+
+def test_a_fired_deadline_alone_is_a_short_timeout_and_a_report_once_mixed() -> None:
+    alone = DeviceInput()
+    alone.add_timeout(T0 + timedelta(seconds=5))
+    assert alone.timeout_only() == (T0 + timedelta(seconds=5), "")
+    assert [(r.cause, r.observed_at.second) for r in alone.ordered_reports()] == [
+        (StatusCause.TIMEOUT, 5)
+    ]
+
+    mixed = DeviceInput()
+    mixed.add_timeout(T0 + timedelta(seconds=5))
+    mixed.add(telemetry(7))
+    assert mixed.timeout_only() is None
+    assert [(r.cause, r.observed_at.second) for r in mixed.ordered_reports()] == [
+        (StatusCause.TIMEOUT, 5),
+        (StatusCause.TELEMETRY, 7),
+    ]
+
+
+def test_two_fired_deadlines_of_a_device_are_both_kept() -> None:
+    older, newer = DeviceInput(), DeviceInput()
+    older.add_timeout(T0 + timedelta(seconds=5))
+    newer.add_timeout(T0 + timedelta(seconds=8))
+    older.merge(newer)
+    assert older.timeout_only() is None
+    assert [r.observed_at.second for r in older.ordered_reports()] == [5, 8]
+
+
+def test_a_timeout_report_given_alone_keeps_its_detail() -> None:
+    item = DeviceInput()
+    item.add(
+        StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, T0, detail="MQTT keepalive lost")
+    )
+    assert item.timeout_only() == (T0, "MQTT keepalive lost")
