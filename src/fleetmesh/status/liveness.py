@@ -69,7 +69,10 @@ class Timers:
     def __init__(self) -> None:
         self.offline = DeadlineScheduler()
         self.checks = DeadlineScheduler()
-        self._armed: dict[str, Armed] = {}
+        self._armed: dict[str, tuple[datetime, int, int, float]] = {}
+        """An `Armed` per device, kept as an exact tuple: the collector stops tracking
+        those (never a tuple subclass's instances), so 100,000 of them do not make every
+        full collection walk them."""
         self._wake = asyncio.Event()
         self._sleeping_until: datetime | None = None
 
@@ -84,7 +87,7 @@ class Timers:
 
     def armed(self, device_id: str, deadline: datetime) -> Armed | None:
         found = self._armed.get(device_id)
-        return found if found is not None and found.deadline == deadline else None
+        return Armed._make(found) if found is not None and found[0] == deadline else None
 
     def set_deadlines(
         self,
@@ -94,7 +97,8 @@ class Timers:
         armed: Armed | None = None,
     ) -> None:
         if armed is not None and armed.deadline == deadline:
-            self._armed[device_id] = armed
+            armed_at, version, sequence, timeout_s = armed
+            self._armed[device_id] = (armed_at, version, sequence, timeout_s)
         else:
             self._armed.pop(device_id, None)
         for scheduler, at in ((self.offline, deadline), (self.checks, next_check)):

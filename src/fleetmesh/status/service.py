@@ -70,8 +70,7 @@ class StatusVersionMismatch(PreconditionFailed):
 
 class Armed(NamedTuple):
     """An online device's offline deadline as stored, with what it was computed from: the
-    row's version and the transition sequence (no MQTT connection was open). A tuple of
-    plain values, so the garbage collector stops tracking the 100,000 of a large fleet."""
+    row's version and the transition sequence (no MQTT connection was open)."""
 
     deadline: datetime
     version: int

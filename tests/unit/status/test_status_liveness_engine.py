@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from fleetmesh.status.domain import DeviceState, DeviceStatus, StatusCause, StatusReport
 from fleetmesh.status.liveness import DeadlineRunner, ReportBatcher, Timers
 from fleetmesh.status.repository import TrackedDevice
-from fleetmesh.status.service import DeviceInput, FlushResult
+from fleetmesh.status.service import Armed, DeviceInput, FlushResult
 
 pytestmark = pytest.mark.unit
 
@@ -224,3 +225,14 @@ async def test_a_timeout_that_could_not_be_written_is_rearmed() -> None:
     await asyncio.sleep(0)
     assert "a" not in timers.offline
     assert timers.offline.get("b") == at(15)  # tried again 5 s later
+
+
+def test_armed_timeouts_are_kept_where_the_collector_stops_tracking_them() -> None:
+    timers = Timers()
+    armed = Armed(at(60), version=3, sequence=2, offline_timeout_s=60.0)
+    timers.set_deadlines("a", at(60), None, armed)
+    gc.collect()
+
+    assert not any(gc.is_tracked(kept) for kept in timers._armed.values())
+    assert timers.armed("a", at(60)) == armed
+    assert timers.armed("a", at(61)) is None
