@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 import httpx
+import msgspec
 
 from fleetmesh.core.ids import new_id
 from fleetmesh.core.logging import get_logger
@@ -422,7 +423,7 @@ class HttpSender:
         """Post one batch until it is settled; every resend carries the same bytes and
         `Idempotency-Key`, so a batch accepted before a lost answer is stored once."""
         points = _points(items)
-        body = json.dumps(items).encode()
+        body = msgspec.json.encode(items)
         headers = {
             "Authorization": basic_auth(device_id, secret),
             "Content-Type": "application/json",
@@ -484,28 +485,29 @@ def _problem_type(answer: httpx.Response) -> str:
         return ""
 
 
+class _Counts(msgspec.Struct):
+    """The counts of an ingest answer; its per-item list is skipped unread."""
+
+    accepted: int | list[msgspec.Raw] | None = None
+    rejected: int | list[msgspec.Raw] | None = None
+
+
+_read_counts = msgspec.json.Decoder(_Counts).decode
+
+
 def _report_counts(answer: httpx.Response, points: int) -> tuple[int, int]:
     """(accepted, rejected) from an ingest answer: counts or lists, whichever it holds."""
     try:
-        body = answer.json()
-    except ValueError:
+        counts = _read_counts(answer.content)
+    except msgspec.DecodeError:  # not JSON, not an object, or counts of another type
         return points, 0
-    if not isinstance(body, dict):
-        return points, 0
-
-    def count(key: str) -> int | None:
-        value = body.get(key)
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, int):
-            return value
-        if isinstance(value, list):
-            return len(value)
-        return None
-
-    rejected = count("rejected") or 0
-    accepted = count("accepted")
+    rejected = _count(counts.rejected) or 0
+    accepted = _count(counts.accepted)
     return (points - rejected if accepted is None else accepted), rejected
+
+
+def _count(value: int | list[msgspec.Raw] | None) -> int | None:
+    return len(value) if isinstance(value, list) else value
 
 
 class _MqttDevice:
