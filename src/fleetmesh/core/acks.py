@@ -161,10 +161,10 @@ class AckedPublisher:
             for index, message in enumerate(messages[start : start + YIELD_EVERY], start):
                 frame = self._frame(message, f"{reply}{index}")
                 if frame is None:
-                    await self._write(frames)
-                    return index
+                    return index if await self._write(frames) else start
                 frames.append(frame)
-            await self._write(frames)
+            if not await self._write(frames):
+                return start
         return len(messages)
 
     def _frame(self, message: OrderedPublish, reply: str) -> bytes | None:
@@ -178,14 +178,20 @@ class AckedPublisher:
             self._subjects.add(message.subject)
         return hpub_frame(message.subject, reply, message.msg_id, message.payload)
 
-    async def _write(self, frames: list[bytes]) -> None:
+    async def _write(self, frames: list[bytes]) -> bool:
         """Hand the frames to the client's write buffer, as its own publish does (which
-        builds each frame in Python through a dict of headers, at twice the cost)."""
-        if frames:
-            nc = self._nc
+        builds each frame in Python through a dict of headers, at twice the cost). False
+        when the client refused them: they count as not sent (a resend is harmless)."""
+        if not frames:
+            return True
+        nc = self._nc
+        try:
             await nc._send_command(b"".join(frames))
             if nc._flush_queue is not None and nc._flush_queue.empty():
                 await nc._flush_pending()
+        except Exception:
+            return False
+        return True
 
     async def _on_ack(self, message: Msg) -> None:
         _, number, index = message.subject.rsplit(".", 2)
