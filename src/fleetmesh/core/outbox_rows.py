@@ -31,7 +31,7 @@ FROM json_each(:rows) AS j ORDER BY j.key
 _POSTGRES = """
 INSERT INTO outbox (event_id, subject, payload, created_at, attempts)
 SELECT j.e ->> 0, j.e ->> 1, convert_to(j.e ->> 2, 'UTF8'), :created_at, 0
-FROM json_array_elements(CAST(:rows AS json)) WITH ORDINALITY AS j(e, n) ORDER BY j.n
+FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS j(e, n) ORDER BY j.n
 """
 
 _STATEMENTS = {

@@ -6,7 +6,8 @@ by one (a dict per row, its times converted, then a parameter tuple), the rows c
 more Python than the rest of the transition; as one JSON document they are encoded
 in C, and SQLite or PostgreSQL takes them apart in C too, off the event loop. The
 transitions themselves are still decided by the domain (`domain.timed_out`); the SQL
-only maps their fields onto columns. What transitions share (the states, the cause,
+only maps their fields onto columns (on PostgreSQL as `jsonb`, parsed once rather
+at every field). What transitions share (the states, the cause,
 the detail) is bound once per statement, so the database reads five fields a row.
 """
 
@@ -76,7 +77,7 @@ SELECT {_sqlite(_DEVICE)}, {_sqlite(_SEQUENCE)}, {_sqlite(_AT)},
 FROM json_each(:rows) AS j
 """
 
-_PG_ROWS = "json_array_elements(CAST(:rows AS json)) AS j(e)"
+_PG_ROWS = "jsonb_array_elements(CAST(:rows AS jsonb)) AS j(e)"
 
 _PG_UPDATE = f"""
 UPDATE status_devices AS d SET
