@@ -123,7 +123,6 @@ class Platform:
         await self.backbone.wait_for_jetstream()
         await self.backbone.ensure_stream(events_stream_config(self.settings))
         await self.database.migrate()
-        self.database.start_checkpoints()
         await self.live_config.start()
         self._unfollow_log_level = follow_log_level(self.live_config, self.settings.log_level)
         deps = Deps(

@@ -27,8 +27,6 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from fleetmesh.core.checkpoints import SAFETY_NET_PAGES, WalCheckpointer
-
 _MIGRATION_LOCK_ID = 0x46_4C_45_45_54  # "FLEET", one advisory lock for every replica
 
 
@@ -40,12 +38,6 @@ class Database:
         self.engine: AsyncEngine = _create_engine(url, echo=echo, shared_sqlite=shared_sqlite)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._sqlite_write_lock = asyncio.Lock()
-        database_file = self.engine.url.database if self.is_sqlite else None
-        self.checkpointer = (
-            WalCheckpointer(Path(database_file))
-            if database_file and database_file != ":memory:"
-            else None
-        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -97,14 +89,7 @@ class Database:
         except Exception:
             return False
 
-    def start_checkpoints(self) -> None:
-        """On SQLite, checkpoint the WAL in the background from now on (see `checkpoints`)."""
-        if self.checkpointer is not None:
-            self.checkpointer.start()
-
     async def dispose(self) -> None:
-        if self.checkpointer is not None:
-            await self.checkpointer.stop()
         await self.engine.dispose()
 
 
@@ -149,7 +134,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Thousands of rows a transaction touch pages all over a 100,000-device store; the
     # default 2 MiB cache rereads them. Allocated as pages are read, so small stores stay small.
     cursor.execute("PRAGMA cache_size=-65536")
-    cursor.execute(f"PRAGMA wal_autocheckpoint={SAFETY_NET_PAGES}")
     cursor.close()
 
 
