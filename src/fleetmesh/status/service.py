@@ -136,7 +136,7 @@ class DeviceInput:
         if self.timeout_at is None:
             self.timeout_at = at
         else:
-            self.reports.append(StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, at))
+            self.reports.append(_timeout_report(at))
 
     def add_quality(self, at: datetime, points: int, mean: float) -> None:
         bucket = quality_bucket(at)
@@ -176,11 +176,16 @@ class DeviceInput:
     def ordered_reports(self) -> list[StatusReport]:
         reports = list(self.reports)
         if self.timeout_at is not None:
-            reports.append(StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, self.timeout_at))
+            reports.append(_timeout_report(self.timeout_at))
         for telemetry in (self.first_telemetry, self.last_telemetry):
             if telemetry is not None and telemetry not in reports:
                 reports.append(telemetry)
         return sorted(reports, key=lambda r: r.observed_at)
+
+
+def _timeout_report(at: datetime) -> StatusReport:
+    """The report of an offline deadline that fell due at `at`."""
+    return StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, at)
 
 
 @dataclass(frozen=True, slots=True)
