@@ -34,7 +34,7 @@ RowToParameters = Callable[[dict[str, Any]], tuple[Any, ...]]
 RowFromDriver = Callable[[Sequence[Any]], tuple[Any, ...]]
 
 _PLAIN_TYPES = (String, Integer, BigInteger, Float, Boolean, LargeBinary)
-_SQLITE_ROWS_PER_STATEMENT = 500
+_SQLITE_ROWS_PER_STATEMENT = 4000
 _SQLITE_MAX_PARAMETERS = 32_000
 """SQLite allows 32,766 parameters per statement (since 3.32)."""
 
@@ -80,36 +80,89 @@ async def executemany(
 async def sqlite_many_rows(
     connection: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]
 ) -> int:
-    """Run a one-row SQLite insert or update for every row, hundreds of rows per statement;
-    the rows it changed (-1 when the driver does not tell).
+    """Run a one-row SQLite insert, upsert or update for every row, thousands of rows per
+    statement, in one call to the driver's thread; the rows it changed (-1 when the driver
+    does not tell). The rows of an update must each match other rows of the table (one
+    statement matches them all against the table as it was before).
 
     SQLite's driver runs in a thread of its own and needs the GIL back after every
     statement step, which a busy event loop hands over only every switch interval (5 ms),
-    so an executemany of thousands of rows could take seconds; a statement for hundreds of
-    rows takes one step."""
+    so an executemany of thousands of rows could take seconds; a statement for thousands
+    of rows takes one step. And every call into that thread waits for its answer to come
+    round in the event loop's queue, behind whatever else is ready (under HTTP ingest
+    load, 20-90 ms a call), so the statements go in one ``executemany``."""
     if not rows:
         return 0
-    per_statement = max(1, min(_SQLITE_ROWS_PER_STATEMENT, _SQLITE_MAX_PARAMETERS // len(rows[0])))
+    per_statement = _rows_per_statement(rows)
+    whole = len(rows) - len(rows) % per_statement
+    driver = await _driver_connection(connection)
     changed = 0
-    for start in range(0, len(rows), per_statement):
-        chunk = rows[start : start + per_statement]
-        parameters = tuple([value for row in chunk for value in row])
-        result = await connection.exec_driver_sql(_many_rows_sql(sql, len(chunk)), parameters)
-        rowcount = _rowcount(result)
+    if whole:
+        chunks = [
+            _flat(rows[start : start + per_statement]) for start in range(0, whole, per_statement)
+        ]
+        changed = _rowcount(await driver.executemany(_many_rows_sql(sql, per_statement), chunks))
+    if whole < len(rows):
+        rest = rows[whole:]
+        rowcount = _rowcount(await driver.execute(_many_rows_sql(sql, len(rest)), _flat(rest)))
         changed = -1 if changed < 0 or rowcount < 0 else changed + rowcount
     return changed
 
 
+async def sqlite_many_rows_returning(
+    connection: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]
+) -> list[tuple[Any, ...]]:
+    """`sqlite_many_rows` for an insert with a ``RETURNING`` clause: the rows it returned,
+    one call to the driver's thread per few thousand rows."""
+    found: list[tuple[Any, ...]] = []
+    if not rows:
+        return found
+    per_statement = _rows_per_statement(rows)
+    driver = await _driver_connection(connection)
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        returned = await driver.execute_fetchall(_many_rows_sql(sql, len(chunk)), _flat(chunk))
+        found.extend(tuple(row) for row in returned)
+    return found
+
+
+async def sqlite_execute(
+    connection: AsyncConnection, sql: str, parameters: Sequence[Any] | dict[str, Any]
+) -> int:
+    """Run one statement in the session's transaction with one call to the driver's thread
+    (SQLAlchemy's own path takes three: cursor, execute, close); the rows it changed."""
+    driver = await _driver_connection(connection)
+    return _rowcount(await driver.execute(sql, parameters))
+
+
+def _rows_per_statement(rows: Sequence[Sequence[Any]]) -> int:
+    return max(1, min(_SQLITE_ROWS_PER_STATEMENT, _SQLITE_MAX_PARAMETERS // len(rows[0])))
+
+
+def _flat(rows: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+    return tuple([value for row in rows for value in row])
+
+
+async def _driver_connection(connection: AsyncConnection) -> Any:
+    """The aiosqlite connection under SQLAlchemy's, in the same transaction."""
+    driver = (await connection.get_raw_connection()).driver_connection
+    if driver is None:
+        raise RuntimeError("no driver connection")
+    return driver
+
+
 @functools.lru_cache(maxsize=1024)
 def _many_rows_sql(sql: str, rows: int) -> str:
-    """`INSERT ... VALUES (?, ?)` for many rows, or `UPDATE t SET a=? WHERE b = ?` as an
-    update from a list of values (`UPDATE t SET a=v.column1 FROM (VALUES ...) AS v WHERE
-    b = v.column2`; not a `WITH`, after which the driver reports no row count)."""
+    """`INSERT ... VALUES (?, ?) [ON CONFLICT ...] [RETURNING ...]` for many rows, or
+    `UPDATE t SET a=? WHERE b = ?` as an update from a list of values (`UPDATE t SET
+    a=v.column1 FROM (VALUES ...) AS v WHERE b = v.column2`; not a `WITH`, after which the
+    driver reports no row count)."""
     count = sql.count("?")
     placeholders = "(" + ", ".join(["?"] * count) + ")"
     values = ", ".join([placeholders] * rows)
-    if sql.startswith("INSERT ") and sql.endswith(f" VALUES {placeholders}"):
-        return sql.removesuffix(placeholders) + values
+    row_values = f" VALUES {placeholders}"
+    if sql.startswith("INSERT ") and sql.count(row_values) == 1:
+        return sql.replace(row_values, f" VALUES {values}")
     if sql.startswith("UPDATE ") and sql.count(" WHERE ") == 1 and "'" not in sql:
         pieces = sql.split("?")
         named = "".join(f"{piece}v.column{index}" for index, piece in enumerate(pieces[:-1], 1))

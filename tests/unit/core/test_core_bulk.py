@@ -13,6 +13,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    func,
     insert,
     select,
     update,
@@ -25,6 +26,8 @@ from fleetmesh.core.bulk import (
     DriverStatement,
     executemany,
     fetch,
+    sqlite_many_rows,
+    sqlite_many_rows_returning,
     sqlite_time,
     utc_time,
 )
@@ -99,10 +102,58 @@ async def test_on_sqlite_batches_of_rows_are_stored_updated_and_read_back(tmp_pa
         bumps = [
             {"b_id": r["id"], "b_count": r["count"], "count": r["count"] + 10_000} for r in rows
         ]
-        bumps.append({"b_id": "t0001", "b_count": 1, "count": 0})  # already moved: no row
         assert await executemany(session, bump, bumps) == 1_200
+        stale = [{"b_id": "t0001", "b_count": 1, "count": 0}]  # already moved: no row
+        assert await executemany(session, bump, stale) == 0
         await session.commit()
         read = await fetch(session, query, (10_000,))
     await engine.dispose()
     assert len(read) == 1_200
     assert sorted(read)[1] == ("t0001", 10_001, MOMENTS[1])
+
+
+_UPSERT = (
+    "INSERT INTO things (id, count, at) VALUES (?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET count = excluded.count WHERE excluded.count > things.count"
+)
+_CLAIM = (
+    "INSERT INTO things (id, count, at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+
+
+async def test_on_sqlite_many_rows_upsert_and_claim_across_statements(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'bulk.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(_table.metadata.create_all)
+    first = [(f"t{i:05d}", i, None) for i in range(9_000)]  # three statements of 4,000 rows
+    again = [(f"t{i:05d}", i, None) for i in range(8_990, 9_010)]
+    moves = [("t00001", 100, None), ("t00002", 0, None), ("t09500", 7, None)]
+    async with AsyncSession(engine) as session:
+        connection = await session.connection()
+        claimed = await sqlite_many_rows_returning(connection, _CLAIM, first)
+        reclaimed = await sqlite_many_rows_returning(connection, _CLAIM, again)
+        await sqlite_many_rows(connection, _UPSERT, moves)
+        await session.commit()
+        rows = await session.execute(select(_table.c.id, _table.c.count))
+        counts = {row.id: row.count for row in rows}
+    await engine.dispose()
+    assert sorted(row[0] for row in claimed) == [row[0] for row in first]
+    assert sorted(row[0] for row in reclaimed) == [f"t{i:05d}" for i in range(9_000, 9_010)]
+    assert len(counts) == 9_011
+    assert (counts["t00001"], counts["t00002"], counts["t09500"]) == (100, 2, 7)
+
+
+async def test_on_sqlite_many_rows_belong_to_the_session_transaction(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'bulk.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(_table.metadata.create_all)
+    async with AsyncSession(engine) as session:
+        connection = await session.connection()
+        await sqlite_many_rows(connection, _UPSERT, [("kept", 1, None)])
+        await session.commit()
+        connection = await session.connection()
+        await sqlite_many_rows(connection, _UPSERT, [(f"r{i}", i, None) for i in range(5_000)])
+        await session.rollback()
+        count = await session.scalar(select(func.count()).select_from(_table))
+    await engine.dispose()
+    assert count == 1
