@@ -17,12 +17,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleetmesh.core.bulk import sqlite_many_rows
+from fleetmesh.core.bulk import sqlite_many_rows, sqlite_many_rows_returning, sqlite_time
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.tables import (
     POINT_COLUMNS,
     ROLLUP_BUCKET_MS,
+    SQLITE_CLAIM_BATCHES,
     SQLITE_INSERT_POINTS,
+    SQLITE_UPSERT_LATEST,
     PointRow,
     chunks,
     dialect_of,
@@ -197,6 +199,8 @@ class PointStore:
         Runs first in the transaction: on PostgreSQL a concurrent writer holding the same id
         waits here until the other commits, then skips it.
         """
+        if self.dialect == "sqlite":
+            return await self._claim_on_sqlite(messages, stored_at)
         rows = [
             {
                 "message_id": m.id,
@@ -215,10 +219,32 @@ class PointStore:
         )
         return set((await self.session.execute(statement, rows)).scalars())
 
+    async def _claim_on_sqlite(
+        self, messages: Sequence[IngestMessage], stored_at: datetime
+    ) -> set[str]:
+        """`claim` in one call to SQLite's thread (see ``core.bulk.sqlite_many_rows``)."""
+        at = sqlite_time(stored_at)
+        rows = [
+            (
+                m.id,
+                m.device_id,
+                len(m.points),
+                min(p.ts_ms for p in m.points),
+                max(p.ts_ms for p in m.points),
+                at,
+            )
+            for m in messages
+        ]
+        connection = await self.session.connection()
+        return {
+            row[0]
+            for row in await sqlite_many_rows_returning(connection, SQLITE_CLAIM_BATCHES, rows)
+        }
+
     async def insert_points(self, rows: Sequence[PointRow]) -> None:
-        """Many rows per statement: PostgreSQL binary ``COPY``; on SQLite inserts of hundreds
-        of rows (``core.bulk.sqlite_many_rows``: a busy event loop would stall an
-        ``executemany`` row by row)."""
+        """Many rows per statement: PostgreSQL binary ``COPY``; on SQLite inserts of
+        thousands of rows in one call (``core.bulk.sqlite_many_rows``: a busy event loop
+        would stall an ``executemany`` row by row)."""
         if not rows:
             return
         connection = await self.session.connection()
@@ -233,7 +259,24 @@ class PointStore:
         await sqlite_many_rows(connection, SQLITE_INSERT_POINTS, rows)
 
     async def upsert_latest(self, rows: Iterable[LatestRow]) -> None:
-        values = [
+        """The newest point of each (device, metric); an older one never replaces it."""
+        if self.dialect == "sqlite":
+            values = [
+                (
+                    r.device_id,
+                    r.metric,
+                    r.ts,
+                    r.value_num,
+                    r.value_text,
+                    r.value_bool,
+                    r.quality,
+                    r.message_id,
+                )
+                for r in rows
+            ]
+            await sqlite_many_rows(await self.session.connection(), SQLITE_UPSERT_LATEST, values)
+            return
+        mappings = [
             {
                 "device_id": r.device_id,
                 "metric": r.metric,
@@ -246,7 +289,7 @@ class PointStore:
             }
             for r in rows
         ]
-        if not values:
+        if not mappings:
             return
         statement = insert_for(self.session)(telemetry_latest)
         changed = [c for c in POINT_COLUMNS if c not in ("device_id", "metric")]
@@ -255,7 +298,7 @@ class PointStore:
             set_={name: statement.excluded[name] for name in changed},
             where=statement.excluded.ts >= telemetry_latest.c.ts,
         )
-        await self.session.execute(statement, values)
+        await self.session.execute(statement, mappings)
 
     async def stored(self, message_id: str) -> bool:
         found = await self.session.scalar(
