@@ -12,9 +12,10 @@ Accepted body shapes:
 server time ``now_ms`` is used. Items are flattened: a compact object contributes one item per
 value, so ``index`` is the position in the flattened batch.
 
-The common shape (a list of well-formed points, bare or in an envelope) is decoded by a typed
-msgspec decoder that validates in C. If any item is malformed, the body is decoded again
-generically and checked item by item, so a malformed item never rejects its neighbours.
+The common shapes (a list of well-formed points, bare or in an envelope; well-formed compact
+objects, alone or in a list) are decoded by typed msgspec decoders that validate in C. If any
+item is malformed, or a list mixes the two, the body is decoded again generically and checked
+item by item, so a malformed item never rejects its neighbours.
 A body that is not JSON, has the wrong overall shape, holds no point or more than
 ``max_points`` raises a ``TelemetryDomainError``.
 """
@@ -61,7 +62,15 @@ class _WireEnvelope(msgspec.Struct):
     points: list[_WirePoint]
 
 
+class _WireCompact(msgspec.Struct, gc=False):
+    values: Annotated[dict[_MetricName, bool | int | float | str], msgspec.Meta(min_length=1)]
+    ts: int | _AwareDatetime | None = None
+    metric: msgspec.UnsetType = msgspec.UNSET
+    """Never given: an object with a metric is a point (whose ``value`` is missing)."""
+
+
 _TYPED_DECODER: Final = msgspec.json.Decoder(list[_WirePoint] | _WireEnvelope)
+_COMPACT_DECODER: Final = msgspec.json.Decoder(list[_WireCompact] | _WireCompact)
 _GENERIC_DECODER: Final = msgspec.json.Decoder()
 _SHAPE_HINT: Final = (
     'expected a point object, a list of points, {"points": [...]}, or {"ts": ..., "values": {...}}'
@@ -94,12 +103,28 @@ def decode_points(raw: bytes, *, now_ms: int, max_points: int = MAX_BATCH_POINTS
     try:
         wire = _TYPED_DECODER.decode(raw)
     except msgspec.ValidationError:
-        return _decode_generic(raw, now_ms, max_points)
+        return _decode_compact(raw, now_ms, max_points)
     except msgspec.DecodeError as exc:
         raise MalformedBatch(f"the body is not valid JSON: {exc}") from None
     wire_points = wire if isinstance(wire, list) else wire.points
     _check_count(len(wire_points), max_points)
     return ParsedBatch(points=[_from_wire(i, w, now_ms) for i, w in enumerate(wire_points)])
+
+
+def _decode_compact(raw: bytes, now_ms: int, max_points: int) -> ParsedBatch:
+    try:
+        wire = _COMPACT_DECODER.decode(raw)
+    except msgspec.ValidationError:
+        return _decode_generic(raw, now_ms, max_points)
+    objects = wire if isinstance(wire, list) else [wire]
+    _check_count(sum(len(o.values) for o in objects), max_points)
+    points: list[RawPoint] = []
+    add = points.append
+    for compact in objects:
+        ts_ms = _wire_ts_ms(compact.ts, now_ms)
+        for metric, value in compact.values.items():
+            add(RawPoint(len(points), metric, value, ts_ms, None))
+    return ParsedBatch(points=points)
 
 
 def epoch_ms(moment: datetime) -> int:
@@ -108,14 +133,15 @@ def epoch_ms(moment: datetime) -> int:
 
 
 def _from_wire(index: int, wire: _WirePoint, now_ms: int) -> RawPoint:
-    ts = wire.ts
+    return RawPoint(index, wire.metric, wire.value, _wire_ts_ms(wire.ts, now_ms), wire.unit)
+
+
+def _wire_ts_ms(ts: int | datetime | None, now_ms: int) -> int:
     if ts is None:
-        ts_ms = now_ms
-    elif isinstance(ts, int):
-        ts_ms = ts
-    else:
-        ts_ms = epoch_ms(ts)
-    return RawPoint(index, wire.metric, wire.value, ts_ms, wire.unit)
+        return now_ms
+    if isinstance(ts, int):
+        return ts
+    return epoch_ms(ts)
 
 
 def _check_count(count: int, max_points: int) -> None:

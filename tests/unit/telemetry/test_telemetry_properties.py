@@ -29,6 +29,7 @@ from fleetmesh.telemetry.domain import (
     transform_data,
     validate_batch,
 )
+from fleetmesh.telemetry.domain_parsing import _decode_generic
 
 pytestmark = pytest.mark.unit
 
@@ -286,3 +287,37 @@ def test_the_decoder_accounts_for_every_item_or_raises_a_domain_error(body: obje
 
     indices = sorted(item.index for item in parsed.items)
     assert indices == list(range(parsed.item_count))
+
+
+scalars = (
+    st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5)
+)
+timestamps = st.integers(0, 2**40) | st.sampled_from(["2026-01-02T03:04:05.5+02:00", "noon"])
+well_formed_compact = st.fixed_dictionaries(
+    {"values": st.dictionaries(st.text(min_size=1, max_size=4), scalars, min_size=1, max_size=4)},
+    optional={"ts": timestamps, "unit": st.just("degC")},
+)
+any_compact = st.fixed_dictionaries(
+    {"values": st.dictionaries(st.text(max_size=4), scalars | json_values, max_size=4)},
+    optional={"ts": st.none() | timestamps, "metric": st.none() | st.just("m")},
+)
+compact_objects = well_formed_compact | well_formed_compact | any_compact
+
+
+@given(st.lists(compact_objects, max_size=6) | compact_objects)
+def test_compact_bodies_decode_as_the_item_by_item_path_decodes_them(body: object) -> None:
+    raw = json.dumps(body).encode()
+    try:
+        expected = _decode_generic(raw, NOW_MS, 50)
+    except TelemetryDomainError as error:
+        with pytest.raises(type(error)):
+            decode_points(raw, now_ms=NOW_MS, max_points=50)
+        return
+
+    parsed = decode_points(raw, now_ms=NOW_MS, max_points=50)
+
+    assert parsed.points == expected.points
+    assert parsed.rejected == expected.rejected
