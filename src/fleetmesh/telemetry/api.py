@@ -91,12 +91,21 @@ class RejectedItem(msgspec.Struct):
 
 def render_report(report: IngestReport) -> tuple[int, dict[str, Any]]:
     """The status code and body of an ingest answer."""
+    prefix = f"{report.message_id}:"
     items: list[AcceptedItem | RejectedItem] = [
-        AcceptedItem(a.index, report.point_id(a), a.quality, [str(r) for r in a.quality_reasons])
+        AcceptedItem(
+            a.index,
+            f"{prefix}{a.index}",
+            a.quality,
+            [str(r) for r in a.quality_reasons] if a.quality_reasons else [],
+        )
         for a in report.accepted
     ]
-    items.extend(RejectedItem(r.index, r.field, str(r.reason), r.message) for r in report.rejected)
-    items.sort(key=lambda item: item.index)
+    if report.rejected:
+        items.extend(
+            RejectedItem(r.index, r.field, str(r.reason), r.message) for r in report.rejected
+        )
+        items.sort(key=lambda item: item.index)
     body: dict[str, Any] = {
         "message_id": report.message_id if report.published else None,
         "accepted": len(report.accepted),

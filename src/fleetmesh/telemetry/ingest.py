@@ -100,9 +100,6 @@ class IngestReport:
     published: bool = False
     """False when nothing was accepted (then nothing was published)."""
 
-    def point_id(self, point: Accepted) -> str:
-        return f"{self.message_id}:{point.index}"
-
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
