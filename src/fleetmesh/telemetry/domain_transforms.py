@@ -71,7 +71,9 @@ def transform_data(
     kept: list[RawPoint] = []
     rejected: list[Rejected] = []
     for point in points:
-        if point.metric not in touched and not _needs_conversion(point, metrics):
+        if point.metric not in touched and (
+            point.unit is None or not _needs_conversion(point, metrics)
+        ):
             kept.append(point)
             continue
         outcome = _transform_point(point, spec, metrics)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from fleetmesh.telemetry.domain_model import (
     Accepted,
@@ -87,12 +87,12 @@ def validate_batch(
     already_accepted: Iterable[tuple[str, int]] = (),
 ) -> list[Accepted | Rejected]:
     """Validate and score points; ``already_accepted`` holds (metric, ts) keys stored before."""
-    checker = _Checker(schema, policy, now_ms)
+    check = _Checker(schema, policy, now_ms).check
     seen = set(already_accepted)
     results: list[Accepted | Rejected] = []
     for point in points:
-        result = checker.check(point)
-        if isinstance(result, Accepted):
+        result = check(point)
+        if type(result) is Accepted:
             key = (result.metric, result.ts_ms)
             if key in seen:
                 result = _duplicate(point)
@@ -119,6 +119,10 @@ class _MetricRule:
     has_bounds: bool
     lower_margin: float
     upper_margin: float
+    low: float
+    """``spec.min``, or -inf: a value within [low, high] needs no range check."""
+    high: float
+    unit: str | None
 
     @classmethod
     def of(cls, spec: MetricSpec, policy: ValidationPolicy) -> _MetricRule:
@@ -130,7 +134,16 @@ class _MetricRule:
             lower_margin = ratio * abs(low) if low is not None else 0.0
             upper_margin = ratio * abs(high) if high is not None else 0.0
         has_bounds = low is not None or high is not None
-        return cls(spec, _NORMALISERS[spec.type], has_bounds, lower_margin, upper_margin)
+        return cls(
+            spec,
+            _NORMALISERS[spec.type],
+            has_bounds,
+            lower_margin,
+            upper_margin,
+            low if low is not None else -math.inf,
+            high if high is not None else math.inf,
+            spec.unit,
+        )
 
     def range_penalty(self, value: float) -> float | _Fault:
         """1.0 inside the range, a factor within the margin, a fault beyond it."""
@@ -260,18 +273,19 @@ class _Checker:
         value = rule.normalise(point.value, self.policy)
         if isinstance(value, _Fault):
             return _reject(point, value)
-        unit = rule.spec.unit
+        unit = rule.unit
         if point.unit is not None and unit is not None and point.unit != unit:
             return _reject(point, _unit_mismatch(point.unit, unit))
         quality, reasons = point.quality, point.quality_reasons
-        if rule.has_bounds and isinstance(value, int | float):
-            factor = rule.range_penalty(value)
+        # Bounds exist only on numeric metrics, whose normalised values are numbers.
+        if rule.has_bounds and not rule.low <= cast(float, value) <= rule.high:
+            factor = rule.range_penalty(cast(float, value))
             if isinstance(factor, _Fault):
                 return _reject(point, factor)
-            if factor < 1.0:
-                quality, reasons = quality * factor, (*reasons, QualityReason.RANGE_MARGIN)
-        if not point.derived:
-            scored = self._score_timestamp(point.ts_ms, quality, reasons)
+            quality, reasons = quality * factor, (*reasons, QualityReason.RANGE_MARGIN)
+        ts_ms = point.ts_ms
+        if not point.derived and not self.late_limit <= ts_ms <= self.skew_grace_limit:
+            scored = self._score_timestamp(ts_ms, quality, reasons)
             if isinstance(scored, _Fault):
                 return _reject(point, scored)
             quality, reasons = scored
@@ -279,7 +293,7 @@ class _Checker:
             point.index,
             point.metric,
             value,
-            point.ts_ms,
+            ts_ms,
             unit if unit is not None else point.unit,
             quality,
             reasons,
