@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any, Final
 
@@ -96,7 +96,9 @@ async def retry_or_dead_letter(
 class PullLoop:
     """Runs ``handle(batch)`` over a durable pull subscription until stopped.
 
-    ``stop()`` lets the current fetch and batch finish (so no message is stranded in a dead
+    With ``concurrency`` above one, the next batch is fetched (and handled) while earlier
+    ones are still being handled, up to that many at once.
+    ``stop()`` lets the current fetch and batches finish (so no message is stranded in a dead
     pull request until its ack wait runs out), then unsubscribes.
     """
 
@@ -105,12 +107,14 @@ class PullLoop:
         *,
         name: str,
         subscribe: Callable[[], Awaitable[Any]],
-        handle: Callable[[list[Msg]], Awaitable[None]],
+        handle: Callable[[list[Msg]], Coroutine[Any, Any, None]],
         max_messages: Callable[[], int],
         wait_s: float = 0.5,
         drain_s: float = 0.02,
+        concurrency: int = 1,
     ) -> None:
         self.name = name
+        self.concurrency = concurrency
         self._subscribe = subscribe
         self._handle = handle
         self._max_messages = max_messages
@@ -149,24 +153,43 @@ class PullLoop:
 
     async def _run(self) -> None:
         failures = 0
-        while not self._stopping:
-            try:
-                batch = await fetch_available(
-                    self.subscription,
-                    max_messages=self._max_messages(),
-                    wait_s=self.wait_s,
-                    drain_s=self.drain_s,
-                )
-                if batch:
-                    await self._handle(batch)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                failures += 1
-                delay = min(5.0, 0.1 * 2**failures)
-                log.warning("telemetry_consumer_failed", consumer=self.name, error=repr(error))
-                await asyncio.sleep(delay)
+        handling: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stopping:
+                try:
+                    await _at_most(handling, self.concurrency - 1)
+                    batch = await fetch_available(
+                        self.subscription,
+                        max_messages=self._max_messages(),
+                        wait_s=self.wait_s,
+                        drain_s=self.drain_s,
+                    )
+                    if batch:
+                        handling.add(asyncio.create_task(self._handle(batch)))
+                    failures = 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    failures += 1
+                    delay = min(5.0, 0.1 * 2**failures)
+                    log.warning("telemetry_consumer_failed", consumer=self.name, error=repr(error))
+                    await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            for task in handling:
+                task.cancel()
+            raise
+        finally:  # stopping lets the batches in hand finish
+            await asyncio.gather(*handling, return_exceptions=True)
+
+
+async def _at_most(tasks: set[asyncio.Task[None]], count: int) -> None:
+    """Wait until at most ``count`` of the tasks are running (finished ones leave the set);
+    raises a finished one's error."""
+    while len(tasks) > count:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        tasks.difference_update(done)
+        for task in done:
+            task.result()
 
 
 async def _release_pending(subscription: Any) -> None:

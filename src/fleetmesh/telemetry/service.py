@@ -187,7 +187,9 @@ async def store_batches(
     The message ids go to ``telemetry_batches`` first, in the same transaction as the points,
     the latest values and one ``fleetmesh.telemetry.collected.v1`` event per device: a
     device whose batches were stored together (many one-point MQTT messages) is announced
-    once, for all of them.
+    once, for all of them. The rows are built before the transaction begins (on SQLite,
+    before the write lock is taken), as if every message were new; a redelivered one
+    makes them be built again without it.
     """
     unique: dict[str, IngestMessage] = {}
     for message in messages:
@@ -195,13 +197,38 @@ async def store_batches(
             unique.setdefault(message.id, message)
     if not unique:
         return StoreResult([], [], 0)
+    plan = _StorePlan.of(list(unique.values()))
     async with uow:
-        claimed = await uow.points.claim(list(unique.values()), now)
-        fresh = [m for m in unique.values() if m.id in claimed]
+        claimed = await uow.points.claim(plan.messages, now)
+        if len(claimed) < len(plan.messages):
+            plan = _StorePlan.of([m for m in plan.messages if m.id in claimed])
+        for batches in plan.by_device.values():
+            uow.emit(_collected(batches))
+        await uow.points.insert_points(plan.rows)
+        await uow.points.upsert_latest(LatestRow(*row) for row in plan.latest.values())
+        await uow.commit()
+    return StoreResult(
+        stored=[m.id for m in plan.messages],
+        duplicates=[key for key in unique if key not in claimed],
+        points=len(plan.rows),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _StorePlan:
+    """What storing these messages writes: point rows, latest rows, batches per device."""
+
+    messages: list[IngestMessage]
+    rows: list[PointRow]
+    latest: dict[tuple[str, str], PointRow]
+    by_device: dict[str, list[IngestMessage]]
+
+    @classmethod
+    def of(cls, messages: list[IngestMessage]) -> _StorePlan:
         rows: list[PointRow] = []
         latest: dict[tuple[str, str], PointRow] = {}
         by_device: dict[str, list[IngestMessage]] = {}
-        for message in fresh:
+        for message in messages:
             by_device.setdefault(message.device_id, []).append(message)
             for point in message.points:
                 row = point_row(message.device_id, message.id, point)
@@ -210,16 +237,7 @@ async def store_batches(
                 current = latest.get(key)
                 if current is None or row[2] >= current[2]:
                     latest[key] = row
-        for batches in by_device.values():
-            uow.emit(_collected(batches))
-        await uow.points.insert_points(rows)
-        await uow.points.upsert_latest(LatestRow(*row) for row in latest.values())
-        await uow.commit()
-    return StoreResult(
-        stored=[m.id for m in fresh],
-        duplicates=[key for key in unique if key not in claimed],
-        points=len(rows),
-    )
+        return cls(messages, rows, latest, by_device)
 
 
 def _collected(batches: list[IngestMessage]) -> Any:

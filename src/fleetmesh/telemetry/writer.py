@@ -58,6 +58,9 @@ log = get_logger(__name__)
 WRITER_DURABLE: Final = "telemetry-writer"
 MAX_MESSAGES_PER_FETCH: Final = 1_000
 MAX_POINTS_PER_TRANSACTION: Final = 50_000
+WRITER_CONCURRENCY: Final = 2
+"""Fetches handled at once: the next one is decoded and its rows built while the database
+writes the last (PostgreSQL writes both at once; SQLite one after the other)."""
 ACK_WAIT_S: Final = 30.0
 DAY_S: Final = 86_400
 STREAM_MAX_AGE_S: Final = 7 * DAY_S
@@ -225,6 +228,7 @@ class TelemetryWriter:
             handle=self.handle,
             max_messages=lambda: MAX_MESSAGES_PER_FETCH,
             drain_s=0.02,
+            concurrency=WRITER_CONCURRENCY,
         )
 
     @property
