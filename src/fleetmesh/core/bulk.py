@@ -18,10 +18,12 @@ insert or update statement, and a query's rows come back as one JSON row.
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from sqlalchemy import BigInteger, Boolean, Float, Integer, LargeBinary, String
@@ -77,53 +79,97 @@ async def executemany(
     return _rowcount(result)
 
 
+@dataclass(frozen=True, slots=True)
+class ManyRows:
+    """A one-row SQLite insert, upsert or update, and the rows to run it for. With
+    ``returning``, the statement has a ``RETURNING`` clause whose rows are wanted."""
+
+    sql: str
+    rows: Sequence[Sequence[Any]]
+    returning: bool = False
+
+
 async def sqlite_many_rows(
     connection: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]
 ) -> int:
     """Run a one-row SQLite insert, upsert or update for every row, thousands of rows per
-    statement, in one call to the driver's thread; the rows it changed (-1 when the driver
-    does not tell). The rows of an update must each match other rows of the table (one
-    statement matches them all against the table as it was before).
-
-    SQLite's driver runs in a thread of its own and needs the GIL back after every
-    statement step, which a busy event loop hands over only every switch interval (5 ms),
-    so an executemany of thousands of rows could take seconds; a statement for thousands
-    of rows takes one step. And every call into that thread waits for its answer to come
-    round in the event loop's queue, behind whatever else is ready (under HTTP ingest
-    load, 20-90 ms a call), so the statements go in one ``executemany``."""
-    if not rows:
-        return 0
-    per_statement = _rows_per_statement(rows)
-    whole = len(rows) - len(rows) % per_statement
-    driver = await _driver_connection(connection)
-    changed = 0
-    if whole:
-        chunks = [
-            _flat(rows[start : start + per_statement]) for start in range(0, whole, per_statement)
-        ]
-        changed = _rowcount(await driver.executemany(_many_rows_sql(sql, per_statement), chunks))
-    if whole < len(rows):
-        rest = rows[whole:]
-        rowcount = _rowcount(await driver.execute(_many_rows_sql(sql, len(rest)), _flat(rest)))
-        changed = -1 if changed < 0 or rowcount < 0 else changed + rowcount
-    return changed
+    statement; the rows it changed (-1 when the driver does not tell). See
+    `sqlite_many_rows_at_once`."""
+    return cast(int, (await sqlite_many_rows_at_once(connection, [ManyRows(sql, rows)]))[0])
 
 
 async def sqlite_many_rows_returning(
     connection: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]
 ) -> list[tuple[Any, ...]]:
-    """`sqlite_many_rows` for an insert with a ``RETURNING`` clause: the rows it returned,
-    one call to the driver's thread per few thousand rows."""
-    found: list[tuple[Any, ...]] = []
-    if not rows:
-        return found
-    per_statement = _rows_per_statement(rows)
+    """`sqlite_many_rows` for an insert with a ``RETURNING`` clause: the rows it returned."""
+    returned = await sqlite_many_rows_at_once(connection, [ManyRows(sql, rows, returning=True)])
+    return cast(list[tuple[Any, ...]], returned[0])
+
+
+async def sqlite_many_rows_at_once(
+    connection: AsyncConnection, writes: Sequence[ManyRows]
+) -> list[int | list[tuple[Any, ...]]]:
+    """Run the writes in order, in the session's transaction, thousands of rows per
+    statement; for each, the rows it changed (-1 when the driver does not tell) or, with
+    ``returning``, the rows it returned. The rows of an update must each match other rows
+    of the table (one statement matches them all against the table as it was before).
+
+    SQLite's driver runs in a thread of its own and needs the GIL back after every
+    statement step, which a busy event loop hands over only every switch interval (5 ms),
+    so an executemany of thousands of rows could take seconds; a statement for thousands
+    of rows takes one step. And every answer from that thread waits its turn in the event
+    loop's queue, behind whatever else is ready (under HTTP ingest load, 20-90 ms), so
+    every statement is queued on the thread before the first answer is awaited: one wait
+    for all of them."""
     driver = await _driver_connection(connection)
-    for start in range(0, len(rows), per_statement):
-        chunk = rows[start : start + per_statement]
-        returned = await driver.execute_fetchall(_many_rows_sql(sql, len(chunk)), _flat(chunk))
-        found.extend(tuple(row) for row in returned)
-    return found
+    calls: list[tuple[int, asyncio.Future[Any]]] = []
+    for position, write in enumerate(writes):
+        for call in _driver_calls(driver, write):
+            calls.append((position, asyncio.ensure_future(call)))
+    answers: list[Any] = await asyncio.gather(
+        *(future for _, future in calls), return_exceptions=True
+    )
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    results: list[int | list[tuple[Any, ...]]] = [[] if write.returning else 0 for write in writes]
+    for (position, _), answer in zip(calls, answers, strict=True):
+        found = results[position]
+        if isinstance(found, list):
+            found.extend(tuple(row) for row in answer)
+        else:
+            rowcount = _rowcount(answer)
+            results[position] = -1 if found < 0 or rowcount < 0 else found + rowcount
+    return results
+
+
+def _driver_calls(driver: Any, write: ManyRows) -> list[Coroutine[Any, Any, Any]]:
+    """The driver calls of one write: an executemany of its whole statements and one
+    statement for the rest; with ``returning``, one call per statement."""
+    rows = write.rows
+    if not rows:
+        return []
+    per_statement = _rows_per_statement(rows)
+    starts = range(0, len(rows), per_statement)
+    if write.returning:
+        return [
+            driver.execute_fetchall(
+                _many_rows_sql(write.sql, len(rows[start : start + per_statement])),
+                _flat(rows[start : start + per_statement]),
+            )
+            for start in starts
+        ]
+    whole = len(rows) - len(rows) % per_statement
+    calls = []
+    if whole:
+        chunks = [
+            _flat(rows[start : start + per_statement]) for start in range(0, whole, per_statement)
+        ]
+        calls.append(driver.executemany(_many_rows_sql(write.sql, per_statement), chunks))
+    if whole < len(rows):
+        rest = rows[whole:]
+        calls.append(driver.execute(_many_rows_sql(write.sql, len(rest)), _flat(rest)))
+    return calls
 
 
 async def sqlite_execute(

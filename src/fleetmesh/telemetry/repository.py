@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     case,
@@ -17,13 +17,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleetmesh.core.bulk import sqlite_many_rows, sqlite_many_rows_returning, sqlite_time
+from fleetmesh.core.bulk import ManyRows, sqlite_many_rows_at_once, sqlite_time
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.tables import (
     POINT_COLUMNS,
     ROLLUP_BUCKET_MS,
     SQLITE_CLAIM_BATCHES,
-    SQLITE_INSERT_POINTS,
+    SQLITE_INSERT_NEW_POINTS,
     SQLITE_UPSERT_LATEST,
     PointRow,
     chunks,
@@ -171,8 +171,9 @@ def _type_row(row: Any) -> TypeRow:
 # --------------------------------------------------------------------------- the writer's side
 
 
-@dataclass(frozen=True, slots=True)
-class LatestRow:
+class LatestRow(NamedTuple):
+    """The newest point of a (device, metric), in ``POINT_COLUMNS`` order."""
+
     device_id: str
     metric: str
     ts: int
@@ -181,6 +182,24 @@ class LatestRow:
     value_bool: bool | None
     quality: float
     message_id: str
+
+
+_BATCH_COLUMNS = ("message_id", "device_id", "count", "first_ts", "last_ts", "stored_at")
+
+
+def _batch_rows(messages: Sequence[IngestMessage], stored_at: object) -> list[tuple[Any, ...]]:
+    """The ``telemetry_batches`` rows of the messages, in ``_BATCH_COLUMNS`` order."""
+    return [
+        (
+            m.id,
+            m.device_id,
+            len(m.points),
+            min(p.ts_ms for p in m.points),
+            max(p.ts_ms for p in m.points),
+            stored_at,
+        )
+        for m in messages
+    ]
 
 
 class PointStore:
@@ -193,25 +212,44 @@ class PointStore:
     def dialect(self) -> str:
         return dialect_of(self.session)
 
-    async def claim(self, messages: Sequence[IngestMessage], stored_at: datetime) -> set[str]:
-        """Record the messages as stored; returns the ids that were not stored before.
+    async def claim_and_write(
+        self,
+        messages: Sequence[IngestMessage],
+        rows: Sequence[PointRow],
+        latest: Sequence[LatestRow],
+        stored_at: datetime,
+    ) -> set[str]:
+        """Record the messages as stored and write their points and latest values; returns
+        the ids that were not stored before.
 
-        Runs first in the transaction: on PostgreSQL a concurrent writer holding the same id
-        waits here until the other commits, then skips it.
+        Unless every message is returned, the writes are not to be kept: the caller rolls
+        back and stores the returned ones alone. On PostgreSQL the claim runs first (a
+        concurrent writer holding the same id makes it wait until the other commits, then
+        skip it) and nothing is written after a partial one. On SQLite, whose writers take
+        turns, the three go to the driver's thread together (see
+        ``core.bulk.sqlite_many_rows_at_once``).
         """
-        if self.dialect == "sqlite":
-            return await self._claim_on_sqlite(messages, stored_at)
-        rows = [
-            {
-                "message_id": m.id,
-                "device_id": m.device_id,
-                "count": len(m.points),
-                "first_ts": min(p.ts_ms for p in m.points),
-                "last_ts": max(p.ts_ms for p in m.points),
-                "stored_at": stored_at,
-            }
-            for m in messages
-        ]
+        if not messages:
+            return set()
+        if self.dialect != "sqlite":
+            claimed = await self._claim(messages, stored_at)
+            if len(claimed) == len(messages):
+                await self._copy_points(rows)
+                await self._upsert_latest(latest)
+            return claimed
+        connection = await self.session.connection()
+        claimed_rows, _, _ = await sqlite_many_rows_at_once(
+            connection,
+            [
+                ManyRows(SQLITE_CLAIM_BATCHES, _batch_rows(messages, sqlite_time(stored_at)), True),
+                ManyRows(SQLITE_INSERT_NEW_POINTS, rows),
+                ManyRows(SQLITE_UPSERT_LATEST, latest),
+            ],
+        )
+        return {row[0] for row in cast(list[tuple[Any, ...]], claimed_rows)}
+
+    async def _claim(self, messages: Sequence[IngestMessage], stored_at: datetime) -> set[str]:
+        rows = [dict(zip(_BATCH_COLUMNS, r, strict=True)) for r in _batch_rows(messages, stored_at)]
         statement = (
             insert_for(self.session)(telemetry_batches)
             .on_conflict_do_nothing(index_elements=["message_id"])
@@ -219,77 +257,21 @@ class PointStore:
         )
         return set((await self.session.execute(statement, rows)).scalars())
 
-    async def _claim_on_sqlite(
-        self, messages: Sequence[IngestMessage], stored_at: datetime
-    ) -> set[str]:
-        """`claim` in one call to SQLite's thread (see ``core.bulk.sqlite_many_rows``)."""
-        at = sqlite_time(stored_at)
-        rows = [
-            (
-                m.id,
-                m.device_id,
-                len(m.points),
-                min(p.ts_ms for p in m.points),
-                max(p.ts_ms for p in m.points),
-                at,
-            )
-            for m in messages
-        ]
-        connection = await self.session.connection()
-        return {
-            row[0]
-            for row in await sqlite_many_rows_returning(connection, SQLITE_CLAIM_BATCHES, rows)
-        }
-
-    async def insert_points(self, rows: Sequence[PointRow]) -> None:
-        """Many rows per statement: PostgreSQL binary ``COPY``; on SQLite inserts of
-        thousands of rows in one call (``core.bulk.sqlite_many_rows``: a busy event loop
-        would stall an ``executemany`` row by row)."""
+    async def _copy_points(self, rows: Sequence[PointRow]) -> None:
+        """PostgreSQL binary ``COPY``."""
         if not rows:
             return
         connection = await self.session.connection()
-        if self.dialect == "postgresql":
-            raw = (await connection.get_raw_connection()).driver_connection
-            if raw is None:
-                raise RuntimeError("no driver connection")
-            await raw.copy_records_to_table(
-                "telemetry_points", records=rows, columns=list(POINT_COLUMNS)
-            )
-            return
-        await sqlite_many_rows(connection, SQLITE_INSERT_POINTS, rows)
+        raw = (await connection.get_raw_connection()).driver_connection
+        if raw is None:
+            raise RuntimeError("no driver connection")
+        await raw.copy_records_to_table(
+            "telemetry_points", records=rows, columns=list(POINT_COLUMNS)
+        )
 
-    async def upsert_latest(self, rows: Iterable[LatestRow]) -> None:
+    async def _upsert_latest(self, rows: Sequence[LatestRow]) -> None:
         """The newest point of each (device, metric); an older one never replaces it."""
-        if self.dialect == "sqlite":
-            values = [
-                (
-                    r.device_id,
-                    r.metric,
-                    r.ts,
-                    r.value_num,
-                    r.value_text,
-                    r.value_bool,
-                    r.quality,
-                    r.message_id,
-                )
-                for r in rows
-            ]
-            await sqlite_many_rows(await self.session.connection(), SQLITE_UPSERT_LATEST, values)
-            return
-        mappings = [
-            {
-                "device_id": r.device_id,
-                "metric": r.metric,
-                "ts": r.ts,
-                "value_num": r.value_num,
-                "value_text": r.value_text,
-                "value_bool": r.value_bool,
-                "quality": r.quality,
-                "message_id": r.message_id,
-            }
-            for r in rows
-        ]
-        if not mappings:
+        if not rows:
             return
         statement = insert_for(self.session)(telemetry_latest)
         changed = [c for c in POINT_COLUMNS if c not in ("device_id", "metric")]
@@ -298,7 +280,7 @@ class PointStore:
             set_={name: statement.excluded[name] for name in changed},
             where=statement.excluded.ts >= telemetry_latest.c.ts,
         )
-        await self.session.execute(statement, mappings)
+        await self.session.execute(statement, [row._asdict() for row in rows])
 
     async def stored(self, message_id: str) -> bool:
         found = await self.session.scalar(

@@ -188,8 +188,9 @@ async def store_batches(
     the latest values and one ``fleetmesh.telemetry.collected.v1`` event per device: a
     device whose batches were stored together (many one-point MQTT messages) is announced
     once, for all of them. The rows are built before the transaction begins (on SQLite,
-    before the write lock is taken), as if every message were new; a redelivered one
-    makes them be built again without it.
+    before the write lock is taken), and written with the claim, as if every message were
+    new; when one was stored before (a redelivery), the transaction is rolled back and the
+    others are stored alone.
     """
     unique: dict[str, IngestMessage] = {}
     for message in messages:
@@ -199,13 +200,16 @@ async def store_batches(
         return StoreResult([], [], 0)
     plan = _StorePlan.of(list(unique.values()))
     async with uow:
-        claimed = await uow.points.claim(plan.messages, now)
-        if len(claimed) < len(plan.messages):
+        while True:
+            claimed = await uow.points.claim_and_write(
+                plan.messages, plan.rows, plan.latest_rows, now
+            )
+            if len(claimed) == len(plan.messages):
+                break
+            await uow.rollback()  # some were stored before: store the others alone
             plan = _StorePlan.of([m for m in plan.messages if m.id in claimed])
         for batches in plan.by_device.values():
             uow.emit(_collected(batches))
-        await uow.points.insert_points(plan.rows)
-        await uow.points.upsert_latest(LatestRow(*row) for row in plan.latest.values())
         await uow.commit()
     return StoreResult(
         stored=[m.id for m in plan.messages],
@@ -220,7 +224,7 @@ class _StorePlan:
 
     messages: list[IngestMessage]
     rows: list[PointRow]
-    latest: dict[tuple[str, str], PointRow]
+    latest_rows: list[LatestRow]
     by_device: dict[str, list[IngestMessage]]
 
     @classmethod
@@ -237,7 +241,7 @@ class _StorePlan:
                 current = latest.get(key)
                 if current is None or row[2] >= current[2]:
                     latest[key] = row
-        return cls(messages, rows, latest, by_device)
+        return cls(messages, rows, [LatestRow(*row) for row in latest.values()], by_device)
 
 
 def _collected(batches: list[IngestMessage]) -> Any:

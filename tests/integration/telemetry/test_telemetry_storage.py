@@ -20,6 +20,7 @@ from fleetmesh.telemetry import contracts
 from fleetmesh.telemetry.contracts import IngestMessage, WirePoint
 from fleetmesh.telemetry.ingest import Ingestor
 from fleetmesh.telemetry.retention import RetentionJob
+from fleetmesh.telemetry.service import TelemetryUnitOfWork, store_batches
 from fleetmesh.telemetry.writer import WRITER_DURABLE, TelemetryWriter
 from support import restart_repeatedly
 
@@ -308,3 +309,30 @@ async def test_a_message_the_database_refuses_is_retried_alone_then_dead_lettere
     assert letter.headers is not None
     assert letter.headers[contracts.DEAD_REASON_HEADER].startswith("failed 2 times")
     assert contracts.decode_message(letter.data or b"").id == poison.id
+
+
+async def test_a_transaction_with_some_batches_stored_before_stores_the_others_once(
+    platform: Platform,
+) -> None:
+    at = now_ms()
+
+    def message(device_id: str, first_ms: int) -> IngestMessage:
+        points = [WirePoint(i, "power", float(i), first_ms + i, 1.0) for i in range(3)]
+        return IngestMessage(new_id(), device_id, at, "test", points)
+
+    a, b, c = message("m-1", at - 100), message("m-1", at - 50), message("m-2", at - 10)
+
+    def store(messages: list[IngestMessage]) -> Any:
+        uow = TelemetryUnitOfWork(platform.database)
+        return store_batches(messages, uow=uow, now=platform.clock.now())
+
+    first = await store([a, b])
+    second = await store([b, c, a])
+
+    assert (first.stored, first.duplicates, first.points) == ([a.id, b.id], [], 6)
+    assert (second.stored, second.duplicates, second.points) == ([c.id], [b.id, a.id], 3)
+    assert await rows_of(platform, "m-1") == 6
+    assert await rows_of(platform, "m-2") == 3
+    latest = "SELECT ts FROM telemetry_latest WHERE device_id = :d AND metric = 'power'"
+    assert await scalar(platform, latest, d="m-1") == at - 50 + 2
+    assert await scalar(platform, latest, d="m-2") == at - 10 + 2
