@@ -24,9 +24,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from fleetmesh.core.bulk import (
     DriverQuery,
     DriverStatement,
+    ManyRows,
     executemany,
     fetch,
     sqlite_many_rows,
+    sqlite_many_rows_at_once,
     sqlite_many_rows_returning,
     sqlite_time,
     utc_time,
@@ -157,3 +159,29 @@ async def test_on_sqlite_many_rows_belong_to_the_session_transaction(tmp_path: P
         count = await session.scalar(select(func.count()).select_from(_table))
     await engine.dispose()
     assert count == 1
+
+
+async def test_on_sqlite_writes_at_once_run_in_order_and_a_failure_raises(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'bulk.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(_table.metadata.create_all)
+    claims = [(f"t{i:05d}", i, None) for i in range(4_500)]  # two claim statements
+    async with AsyncSession(engine) as session:
+        connection = await session.connection()
+        claimed, moved, again = await sqlite_many_rows_at_once(
+            connection,
+            [
+                ManyRows(_CLAIM, claims, returning=True),
+                ManyRows(_UPSERT, [("t00003", 50, None), ("t04400", 1, None)]),
+                ManyRows(_CLAIM, [("t00003", 0, None), ("new", 0, None)], returning=True),
+            ],
+        )
+        with pytest.raises(Exception, match="NOT NULL"):
+            await sqlite_many_rows_at_once(connection, [ManyRows(_UPSERT, [("bad", None, None)])])
+        await session.commit()
+        count = await session.scalar(select(_table.c.count).where(_table.c.id == "t00003"))
+    await engine.dispose()
+    assert isinstance(claimed, list) and len(claimed) == 4_500
+    assert moved == 1  # t04400 already counts more than 1
+    assert again == [("new",)]
+    assert count == 50
