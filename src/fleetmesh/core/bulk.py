@@ -12,8 +12,9 @@ A `DriverQuery` reads rows the same way: tuples in the order of its columns,
 `UtcDateTime` values read back as aware UTC datetimes, booleans as `bool`.
 
 On SQLite, whose driver runs each connection in a thread that needs the GIL back
-after every statement step, a batch takes few steps: hundreds of rows per
-insert or update statement, and a query's rows come back as one JSON row.
+after every statement step, a batch takes few steps: thousands of rows per
+insert or update statement, queued on that thread at once
+(`sqlite_many_rows_at_once`), and a query's rows come back as one JSON row.
 """
 
 from __future__ import annotations
@@ -98,14 +99,6 @@ async def sqlite_many_rows(
     return cast(int, (await sqlite_many_rows_at_once(connection, [ManyRows(sql, rows)]))[0])
 
 
-async def sqlite_many_rows_returning(
-    connection: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]
-) -> list[tuple[Any, ...]]:
-    """`sqlite_many_rows` for an insert with a ``RETURNING`` clause: the rows it returned."""
-    returned = await sqlite_many_rows_at_once(connection, [ManyRows(sql, rows, returning=True)])
-    return cast(list[tuple[Any, ...]], returned[0])
-
-
 async def sqlite_many_rows_at_once(
     connection: AsyncConnection, writes: Sequence[ManyRows]
 ) -> list[int | list[tuple[Any, ...]]]:
@@ -150,24 +143,18 @@ def _driver_calls(driver: Any, write: ManyRows) -> list[Coroutine[Any, Any, Any]
     if not rows:
         return []
     per_statement = _rows_per_statement(rows)
-    starts = range(0, len(rows), per_statement)
+    chunks = [rows[start : start + per_statement] for start in range(0, len(rows), per_statement)]
     if write.returning:
         return [
-            driver.execute_fetchall(
-                _many_rows_sql(write.sql, len(rows[start : start + per_statement])),
-                _flat(rows[start : start + per_statement]),
-            )
-            for start in starts
+            driver.execute_fetchall(_many_rows_sql(write.sql, len(chunk)), _flat(chunk))
+            for chunk in chunks
         ]
-    whole = len(rows) - len(rows) % per_statement
     calls = []
+    whole = [_flat(chunk) for chunk in chunks if len(chunk) == per_statement]
     if whole:
-        chunks = [
-            _flat(rows[start : start + per_statement]) for start in range(0, whole, per_statement)
-        ]
-        calls.append(driver.executemany(_many_rows_sql(write.sql, per_statement), chunks))
-    if whole < len(rows):
-        rest = rows[whole:]
+        calls.append(driver.executemany(_many_rows_sql(write.sql, per_statement), whole))
+    if len(chunks[-1]) < per_statement:
+        rest = chunks[-1]
         calls.append(driver.execute(_many_rows_sql(write.sql, len(rest)), _flat(rest)))
     return calls
 
@@ -254,7 +241,7 @@ class DriverQuery:
 
 def _as_one_json_row(sql: str, columns: list[str]) -> str:
     """On SQLite, all rows as one JSON array of arrays: one statement step, not one per
-    row (see `_sqlite_many_rows` for why steps are dear)."""
+    row (see `sqlite_many_rows_at_once` for why steps are dear)."""
     if len(set(columns)) != len(columns) or any('"' in name for name in columns):
         raise ValueError(f"columns {columns} cannot be read by name")
     values = ", ".join(f'"{name}"' for name in columns)

@@ -6,7 +6,7 @@ for all of them takes their rows apart in C (SQLite's `json_each`, PostgreSQL's
 `json_array_elements`) instead of converting each in Python, and costs one round
 trip to the database instead of one per few hundred rows. On SQLite the statement goes
 straight to the driver: one call to its thread instead of SQLAlchemy's three (see
-`bulk.sqlite_many_rows` for why calls there are dear).
+`bulk.sqlite_many_rows_at_once` for why calls there are dear).
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from fleetmesh.core.bulk import (
     fetch,
     sqlite_many_rows,
     sqlite_many_rows_at_once,
-    sqlite_many_rows_returning,
     sqlite_time,
     utc_time,
 )
@@ -132,8 +131,9 @@ async def test_on_sqlite_many_rows_upsert_and_claim_across_statements(tmp_path: 
     moves = [("t00001", 100, None), ("t00002", 0, None), ("t09500", 7, None)]
     async with AsyncSession(engine) as session:
         connection = await session.connection()
-        claimed = await sqlite_many_rows_returning(connection, _CLAIM, first)
-        reclaimed = await sqlite_many_rows_returning(connection, _CLAIM, again)
+        claimed, reclaimed = await sqlite_many_rows_at_once(
+            connection, [ManyRows(_CLAIM, first, True), ManyRows(_CLAIM, again, True)]
+        )
         await sqlite_many_rows(connection, _UPSERT, moves)
         await session.commit()
         rows = await session.execute(select(_table.c.id, _table.c.count))
