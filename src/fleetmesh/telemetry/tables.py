@@ -133,8 +133,9 @@ POINT_COLUMNS: Final = (
 SQLITE_INSERT_POINTS: Final = (
     f"INSERT INTO telemetry_points ({', '.join(POINT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-SQLITE_INSERT_NEW_POINTS: Final = SQLITE_INSERT_POINTS.replace("INSERT ", "INSERT OR IGNORE ", 1)
-"""Written before the claim is known: a redelivered batch's rows are there already."""
+SQLITE_INSERT_NEW_POINTS: Final = SQLITE_INSERT_POINTS + " ON CONFLICT DO NOTHING"
+"""Written before the claim is known: a redelivered batch's rows are there already (only a
+uniqueness conflict is skipped; `OR IGNORE` would also drop a row that breaks NOT NULL)."""
 _LATEST_CHANGED: Final = [c for c in POINT_COLUMNS if c not in ("device_id", "metric")]
 SQLITE_UPSERT_LATEST: Final = (
     f"INSERT INTO telemetry_latest ({', '.join(POINT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
