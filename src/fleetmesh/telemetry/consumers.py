@@ -188,8 +188,9 @@ async def _at_most(tasks: set[asyncio.Task[None]], count: int) -> None:
     while len(tasks) > count:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         tasks.difference_update(done)
-        for task in done:
-            task.result()
+        errors = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
+        if errors:
+            raise errors[0]
 
 
 async def _release_pending(subscription: Any) -> None:
