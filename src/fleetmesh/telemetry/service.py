@@ -241,7 +241,10 @@ class _StorePlan:
                 current = latest.get(key)
                 if current is None or row[2] >= current[2]:
                     latest[key] = row
-        return cls(messages, rows, [LatestRow(*row) for row in latest.values()], by_device)
+        # In key order: two PostgreSQL writers upserting the same keys lock them in one
+        # order, so neither waits for a row the other waits on.
+        latest_rows = [LatestRow(*latest[key]) for key in sorted(latest)]
+        return cls(messages, rows, latest_rows, by_device)
 
 
 def _collected(batches: list[IngestMessage]) -> Any:
