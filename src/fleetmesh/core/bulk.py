@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ RowFromDriver = Callable[[Sequence[Any]], tuple[Any, ...]]
 
 _PLAIN_TYPES = (String, Integer, BigInteger, Float, Boolean, LargeBinary)
 _SQLITE_ROWS_PER_STATEMENT = 4000
+_SQLITE_SMALL_STATEMENT = 250
 _SQLITE_MAX_PARAMETERS = 32_000
 """SQLite allows 32,766 parameters per statement (since 3.32)."""
 
@@ -142,20 +144,23 @@ def _driver_calls(driver: Any, write: ManyRows) -> list[Coroutine[Any, Any, Any]
     rows = write.rows
     if not rows:
         return []
-    per_statement = _rows_per_statement(rows)
-    chunks = [rows[start : start + per_statement] for start in range(0, len(rows), per_statement)]
+    chunks: list[Sequence[Sequence[Any]]] = []
+    start = 0
+    for size in _statement_sizes(len(rows), len(rows[0])):
+        chunks.append(rows[start : start + size])
+        start += size
     if write.returning:
         return [
             driver.execute_fetchall(_many_rows_sql(write.sql, len(chunk)), _flat(chunk))
             for chunk in chunks
         ]
     calls = []
-    whole = [_flat(chunk) for chunk in chunks if len(chunk) == per_statement]
-    if whole:
-        calls.append(driver.executemany(_many_rows_sql(write.sql, per_statement), whole))
-    if len(chunks[-1]) < per_statement:
-        rest = chunks[-1]
-        calls.append(driver.execute(_many_rows_sql(write.sql, len(rest)), _flat(rest)))
+    for size, same in itertools.groupby(chunks, key=len):
+        flat = [_flat(chunk) for chunk in same]
+        if len(flat) == 1:
+            calls.append(driver.execute(_many_rows_sql(write.sql, size), flat[0]))
+        else:
+            calls.append(driver.executemany(_many_rows_sql(write.sql, size), flat))
     return calls
 
 
@@ -168,8 +173,19 @@ async def sqlite_execute(
     return _rowcount(await driver.execute(sql, parameters))
 
 
-def _rows_per_statement(rows: Sequence[Sequence[Any]]) -> int:
-    return max(1, min(_SQLITE_ROWS_PER_STATEMENT, _SQLITE_MAX_PARAMETERS // len(rows[0])))
+def _statement_sizes(rows: int, columns: int) -> list[int]:
+    """Rows per statement: as many of the largest as fit, then of a smaller size, then the
+    rest. Few sizes mean few statement texts, which SQLite's statement cache keeps
+    compiled: a statement of thousands of rows takes milliseconds to compile, and a
+    window of 2,000 status rows compiled afresh each time lengthened a burst's tail."""
+    large = max(1, min(_SQLITE_ROWS_PER_STATEMENT, _SQLITE_MAX_PARAMETERS // columns))
+    small = min(large, _SQLITE_SMALL_STATEMENT)
+    sizes = [large] * (rows // large)
+    rows %= large
+    sizes += [small] * (rows // small)
+    if rows % small:
+        sizes.append(rows % small)
+    return sizes
 
 
 def _flat(rows: Sequence[Sequence[Any]]) -> tuple[Any, ...]:

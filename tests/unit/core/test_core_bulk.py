@@ -25,6 +25,7 @@ from fleetmesh.core.bulk import (
     DriverQuery,
     DriverStatement,
     ManyRows,
+    _statement_sizes,
     executemany,
     fetch,
     sqlite_many_rows,
@@ -185,3 +186,10 @@ async def test_on_sqlite_writes_at_once_run_in_order_and_a_failure_raises(tmp_pa
     assert moved == 1  # t04400 already counts more than 1
     assert again == [("new",)]
     assert count == 50
+
+
+def test_statements_come_in_few_sizes_so_sqlite_keeps_them_compiled() -> None:
+    assert _statement_sizes(9_000, 8) == [4_000, 4_000, 250, 250, 250, 250]
+    assert _statement_sizes(2_137, 7) == [250] * 8 + [137]
+    assert _statement_sizes(40, 2_000) == [16, 16, 8]
+    assert sum(_statement_sizes(123_457, 3)) == 123_457
