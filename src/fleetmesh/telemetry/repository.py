@@ -15,16 +15,15 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleetmesh.core.bulk import ManyRows, sqlite_many_rows_at_once, sqlite_time
+from fleetmesh.core.bulk import DriverStatement, ManyRows, sqlite_many_rows_at_once
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.tables import (
     POINT_COLUMNS,
     ROLLUP_BUCKET_MS,
-    SQLITE_CLAIM_BATCHES,
     SQLITE_INSERT_NEW_POINTS,
-    SQLITE_UPSERT_LATEST,
     PointRow,
     chunks,
     dialect_of,
@@ -184,20 +183,41 @@ class LatestRow(NamedTuple):
     message_id: str
 
 
+def _claim_statement(insert: Any) -> Any:
+    """A batch's id, recorded once: what returns was not stored before."""
+    return (
+        insert(telemetry_batches)
+        .on_conflict_do_nothing(index_elements=["message_id"])
+        .returning(telemetry_batches.c.message_id)
+    )
+
+
+def _latest_upsert(insert: Any) -> Any:
+    """The newest point of each (device, metric); an older one never replaces it."""
+    statement = insert(telemetry_latest)
+    return statement.on_conflict_do_update(
+        index_elements=["device_id", "metric"],
+        set_={name: statement.excluded[name] for name in POINT_COLUMNS[2:]},
+        where=statement.excluded.ts >= telemetry_latest.c.ts,
+    )
+
+
 _BATCH_COLUMNS = ("message_id", "device_id", "count", "first_ts", "last_ts", "stored_at")
+_SQLITE_CLAIM = DriverStatement(_claim_statement(sqlite.insert), _BATCH_COLUMNS)
+_SQLITE_LATEST = DriverStatement(_latest_upsert(sqlite.insert), POINT_COLUMNS)
 
 
-def _batch_rows(messages: Sequence[IngestMessage], stored_at: object) -> list[tuple[Any, ...]]:
-    """The ``telemetry_batches`` rows of the messages, in ``_BATCH_COLUMNS`` order."""
+def _batch_rows(messages: Sequence[IngestMessage], stored_at: datetime) -> list[dict[str, Any]]:
+    """The ``telemetry_batches`` rows of the messages."""
     return [
-        (
-            m.id,
-            m.device_id,
-            len(m.points),
-            min(p.ts_ms for p in m.points),
-            max(p.ts_ms for p in m.points),
-            stored_at,
-        )
+        {
+            "message_id": m.id,
+            "device_id": m.device_id,
+            "count": len(m.points),
+            "first_ts": min(p.ts_ms for p in m.points),
+            "last_ts": max(p.ts_ms for p in m.points),
+            "stored_at": stored_at,
+        }
         for m in messages
     ]
 
@@ -238,24 +258,22 @@ class PointStore:
                 await self._upsert_latest(latest)
             return claimed
         connection = await self.session.connection()
+        claim_sql, claim_row = _SQLITE_CLAIM.for_dialect(connection.dialect)
+        latest_sql, latest_row = _SQLITE_LATEST.for_dialect(connection.dialect)
         claimed_rows, _, _ = await sqlite_many_rows_at_once(
             connection,
             [
-                ManyRows(SQLITE_CLAIM_BATCHES, _batch_rows(messages, sqlite_time(stored_at)), True),
+                ManyRows(claim_sql, [claim_row(r) for r in _batch_rows(messages, stored_at)], True),
                 ManyRows(SQLITE_INSERT_NEW_POINTS, rows),
-                ManyRows(SQLITE_UPSERT_LATEST, latest),
+                ManyRows(latest_sql, [latest_row(r._asdict()) for r in latest]),
             ],
         )
         return {row[0] for row in cast(list[tuple[Any, ...]], claimed_rows)}
 
     async def _claim(self, messages: Sequence[IngestMessage], stored_at: datetime) -> set[str]:
-        rows = [dict(zip(_BATCH_COLUMNS, r, strict=True)) for r in _batch_rows(messages, stored_at)]
-        statement = (
-            insert_for(self.session)(telemetry_batches)
-            .on_conflict_do_nothing(index_elements=["message_id"])
-            .returning(telemetry_batches.c.message_id)
-        )
-        return set((await self.session.execute(statement, rows)).scalars())
+        statement = _claim_statement(insert_for(self.session))
+        result = await self.session.execute(statement, _batch_rows(messages, stored_at))
+        return set(result.scalars())
 
     async def _copy_points(self, rows: Sequence[PointRow]) -> None:
         """PostgreSQL binary ``COPY``."""
@@ -273,13 +291,7 @@ class PointStore:
         """The newest point of each (device, metric); an older one never replaces it."""
         if not rows:
             return
-        statement = insert_for(self.session)(telemetry_latest)
-        changed = [c for c in POINT_COLUMNS if c not in ("device_id", "metric")]
-        statement = statement.on_conflict_do_update(
-            index_elements=["device_id", "metric"],
-            set_={name: statement.excluded[name] for name in changed},
-            where=statement.excluded.ts >= telemetry_latest.c.ts,
-        )
+        statement = _latest_upsert(insert_for(self.session))
         await self.session.execute(statement, [row._asdict() for row in rows])
 
     async def stored(self, message_id: str) -> bool:

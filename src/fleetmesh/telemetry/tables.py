@@ -136,19 +136,6 @@ SQLITE_INSERT_POINTS: Final = (
 SQLITE_INSERT_NEW_POINTS: Final = SQLITE_INSERT_POINTS + " ON CONFLICT DO NOTHING"
 """Written before the claim is known: a redelivered batch's rows are there already (only a
 uniqueness conflict is skipped; `OR IGNORE` would also drop a row that breaks NOT NULL)."""
-_LATEST_CHANGED: Final = [c for c in POINT_COLUMNS if c not in ("device_id", "metric")]
-SQLITE_UPSERT_LATEST: Final = (
-    f"INSERT INTO telemetry_latest ({', '.join(POINT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (device_id, metric) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _LATEST_CHANGED)
-    + " WHERE excluded.ts >= telemetry_latest.ts"
-)
-"""The newest point of each (device, metric); an older one never replaces it."""
-SQLITE_CLAIM_BATCHES: Final = (
-    "INSERT INTO telemetry_batches (message_id, device_id, count, first_ts, last_ts, stored_at)"
-    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
-)
-"""A batch's id, recorded once: what returns was not stored before."""
 ROLLUP_BUCKET_MS: Final = HOUR_MS
 
 PointRow = tuple[str, str, int, float | None, str | None, bool | None, float, str]
