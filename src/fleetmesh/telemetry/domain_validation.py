@@ -122,7 +122,6 @@ class _MetricRule:
     low: float
     """``spec.min``, or -inf: a value within [low, high] needs no range check."""
     high: float
-    unit: str | None
 
     @classmethod
     def of(cls, spec: MetricSpec, policy: ValidationPolicy) -> _MetricRule:
@@ -142,7 +141,6 @@ class _MetricRule:
             upper_margin,
             low if low is not None else -math.inf,
             high if high is not None else math.inf,
-            spec.unit,
         )
 
     def range_penalty(self, value: float) -> float | _Fault:
@@ -273,7 +271,7 @@ class _Checker:
         value = rule.normalise(point.value, self.policy)
         if isinstance(value, _Fault):
             return _reject(point, value)
-        unit = rule.unit
+        unit = rule.spec.unit
         if point.unit is not None and unit is not None and point.unit != unit:
             return _reject(point, _unit_mismatch(point.unit, unit))
         quality, reasons = point.quality, point.quality_reasons
