@@ -92,6 +92,20 @@ class ManyRows:
     returning: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class OneStatement:
+    """A SQLite statement run once with its parameters (e.g. an insert that takes its rows
+    apart from one JSON parameter itself). With ``returning``, its rows are wanted: few,
+    as the driver needs the GIL back after each (see `sqlite_many_rows_at_once`)."""
+
+    sql: str
+    parameters: Sequence[Any] | dict[str, Any]
+    returning: bool = False
+
+
+Write = ManyRows | OneStatement
+
+
 async def sqlite_many_rows(
     connection: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]
 ) -> int:
@@ -102,7 +116,7 @@ async def sqlite_many_rows(
 
 
 async def sqlite_many_rows_at_once(
-    connection: AsyncConnection, writes: Sequence[ManyRows]
+    connection: AsyncConnection, writes: Sequence[Write]
 ) -> list[int | list[tuple[Any, ...]]]:
     """Run the writes in order, in the session's transaction, thousands of rows per
     statement; for each, the rows it changed (-1 when the driver does not tell) or, with
@@ -138,9 +152,12 @@ async def sqlite_many_rows_at_once(
     return results
 
 
-def _driver_calls(driver: Any, write: ManyRows) -> list[Coroutine[Any, Any, Any]]:
+def _driver_calls(driver: Any, write: Write) -> list[Coroutine[Any, Any, Any]]:
     """The driver calls of one write: an executemany of its whole statements and one
     statement for the rest; with ``returning``, one call per statement."""
+    if isinstance(write, OneStatement):
+        run = driver.execute_fetchall if write.returning else driver.execute
+        return [run(write.sql, write.parameters)]
     rows = write.rows
     if not rows:
         return []

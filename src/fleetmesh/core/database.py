@@ -35,6 +35,7 @@ class Database:
 
     def __init__(self, url: str, *, echo: bool = False, shared_sqlite: bool = False) -> None:
         self.url = url
+        self.shared_sqlite = shared_sqlite
         self.engine: AsyncEngine = _create_engine(url, echo=echo, shared_sqlite=shared_sqlite)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._sqlite_write_lock = asyncio.Lock()
@@ -134,6 +135,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Thousands of rows a transaction touch pages all over a 100,000-device store; the
     # default 2 MiB cache rereads them. Allocated as pages are read, so small stores stay small.
     cursor.execute("PRAGMA cache_size=-65536")
+    # Temporary tables (the telemetry writer stages its points in one) stay in memory.
+    cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.close()
 
 

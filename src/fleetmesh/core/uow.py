@@ -31,6 +31,7 @@ class SqlUnitOfWork:
         """Outbox rows of the events emitted, stamped with one `created_at` at commit."""
         self._session: AsyncSession | None = None
         self._lock_held = False
+        self._lock_on_enter = True
 
     @property
     def session(self) -> AsyncSession:
@@ -39,14 +40,29 @@ class SqlUnitOfWork:
         return self._session
 
     async def __aenter__(self) -> Self:
-        if self.database.is_sqlite:
-            # One writer at a time: a SQLite transaction that reads, then writes after
-            # another writer committed, fails at once instead of waiting.
-            await self.database.write_lock.acquire()
-            self._lock_held = True
+        # Several processes on one SQLite file begin with the file's write lock (`BEGIN
+        # IMMEDIATE`): taking the in-process lock later could wait for a writer that waits
+        # for the file.
+        if self._lock_on_enter or self.database.shared_sqlite:
+            await self.lock_writes()
         self._session = self.database.session()
         self._open(self._session)
         return self
+
+    def lock_writes_later(self) -> Self:
+        """Enter without the writer lock; the use case calls `lock_writes` itself, after
+        work that writes no shared table (on SQLite, into a temporary table), so that work
+        runs beside other writers."""
+        self._lock_on_enter = False
+        return self
+
+    async def lock_writes(self) -> None:
+        """On SQLite, wait for the in-process writer lock, held until the unit of work
+        ends: one writer at a time, as a SQLite transaction that reads, then writes after
+        another writer committed, fails at once instead of waiting. PostgreSQL needs none."""
+        if self.database.is_sqlite and not self._lock_held:
+            await self.database.write_lock.acquire()
+            self._lock_held = True
 
     def _open(self, session: AsyncSession) -> None:
         """Attach repositories to the session (subclasses)."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, Final, NamedTuple, cast
 
+import msgspec
 from sqlalchemy import (
     case,
     delete,
@@ -18,16 +19,19 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleetmesh.core.bulk import DriverStatement, ManyRows, sqlite_many_rows_at_once
+from fleetmesh.core.bulk import DriverStatement, ManyRows, OneStatement, sqlite_many_rows_at_once
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.tables import (
     POINT_COLUMNS,
     ROLLUP_BUCKET_MS,
-    SQLITE_INSERT_NEW_POINTS,
-    PointRow,
+    SQLITE_CLEAR_STAGED,
+    SQLITE_INSERT_STAGED_POINTS,
+    SQLITE_STAGE_POINTS,
+    SQLITE_STAGING_TABLE,
     chunks,
     dialect_of,
     insert_for,
+    point_row,
     rowcount,
     telemetry_batches,
     telemetry_device_types,
@@ -183,13 +187,9 @@ class LatestRow(NamedTuple):
     message_id: str
 
 
-def _claim_statement(insert: Any) -> Any:
-    """A batch's id, recorded once: what returns was not stored before."""
-    return (
-        insert(telemetry_batches)
-        .on_conflict_do_nothing(index_elements=["message_id"])
-        .returning(telemetry_batches.c.message_id)
-    )
+def _record_batches(insert: Any) -> Any:
+    """A batch's id, recorded once."""
+    return insert(telemetry_batches).on_conflict_do_nothing(index_elements=["message_id"])
 
 
 def _latest_upsert(insert: Any) -> Any:
@@ -203,7 +203,13 @@ def _latest_upsert(insert: Any) -> Any:
 
 
 _BATCH_COLUMNS = ("message_id", "device_id", "count", "first_ts", "last_ts", "stored_at")
-_SQLITE_CLAIM = DriverStatement(_claim_statement(sqlite.insert), _BATCH_COLUMNS)
+_SQLITE_RECORD = DriverStatement(_record_batches(sqlite.insert), _BATCH_COLUMNS)
+_SQLITE_STORED_BEFORE = (
+    "SELECT json_group_array(message_id) FROM telemetry_batches"
+    " WHERE message_id IN (SELECT value FROM json_each(:ids))"
+)
+"""One row, however many ids: the driver needs the GIL back after every row it steps
+through, which a busy event loop hands over only every switch interval."""
 _SQLITE_LATEST = DriverStatement(_latest_upsert(sqlite.insert), POINT_COLUMNS)
 
 
@@ -222,6 +228,15 @@ def _batch_rows(messages: Sequence[IngestMessage], stored_at: datetime) -> list[
     ]
 
 
+_encode: Final = msgspec.json.Encoder().encode
+
+
+def _points_json(messages: Sequence[IngestMessage]) -> str:
+    """What ``SQLITE_STAGE_POINTS`` takes apart: ``[[device_id, message_id,
+    points], ...]``, encoded in C."""
+    return _encode([(m.device_id, m.id, m.points) for m in messages]).decode()
+
+
 class PointStore:
     """Stores batches of points in the unit of work's transaction, as fast as the driver allows."""
 
@@ -232,12 +247,23 @@ class PointStore:
     def dialect(self) -> str:
         return dialect_of(self.session)
 
+    async def stage(self, messages: Sequence[IngestMessage]) -> None:
+        """What can be done before the writer lock: on SQLite, the points go into the
+        connection's temporary table (see ``tables.SQLITE_STAGE_POINTS``), which
+        ``claim_and_write`` copies; PostgreSQL needs no lock."""
+        if self.dialect != "sqlite":
+            return
+        connection = await self.session.connection()
+        await sqlite_many_rows_at_once(
+            connection,
+            [
+                OneStatement(SQLITE_STAGING_TABLE, ()),
+                OneStatement(SQLITE_STAGE_POINTS, {"messages": _points_json(messages)}),
+            ],
+        )
+
     async def claim_and_write(
-        self,
-        messages: Sequence[IngestMessage],
-        rows: Sequence[PointRow],
-        latest: Sequence[LatestRow],
-        stored_at: datetime,
+        self, messages: Sequence[IngestMessage], latest: Sequence[LatestRow], stored_at: datetime
     ) -> set[str]:
         """Record the messages as stored and write their points and latest values; returns
         the ids that were not stored before.
@@ -246,37 +272,44 @@ class PointStore:
         back and stores the returned ones alone. On PostgreSQL the claim runs first (a
         concurrent writer holding the same id makes it wait until the other commits, then
         skip it) and nothing is written after a partial one. On SQLite, whose writers take
-        turns, the three go to the driver's thread together (see
-        ``core.bulk.sqlite_many_rows_at_once``).
+        turns, the claim, the copy of the points ``stage`` put aside and the latest values
+        go to the driver's thread together (see ``core.bulk.sqlite_many_rows_at_once``).
         """
         if not messages:
             return set()
         if self.dialect != "sqlite":
             claimed = await self._claim(messages, stored_at)
             if len(claimed) == len(messages):
-                await self._copy_points(rows)
+                await self._copy_points(messages)
                 await self._upsert_latest(latest)
             return claimed
         connection = await self.session.connection()
-        claim_sql, claim_row = _SQLITE_CLAIM.for_dialect(connection.dialect)
+        record_sql, record_row = _SQLITE_RECORD.for_dialect(connection.dialect)
         latest_sql, latest_row = _SQLITE_LATEST.for_dialect(connection.dialect)
-        claimed_rows, _, _ = await sqlite_many_rows_at_once(
+        ids = [m.id for m in messages]
+        stored_before, *_ = await sqlite_many_rows_at_once(
             connection,
             [
-                ManyRows(claim_sql, [claim_row(r) for r in _batch_rows(messages, stored_at)], True),
-                ManyRows(SQLITE_INSERT_NEW_POINTS, rows),
+                OneStatement(_SQLITE_STORED_BEFORE, {"ids": _encode(ids).decode()}, True),
+                ManyRows(record_sql, [record_row(r) for r in _batch_rows(messages, stored_at)]),
+                OneStatement(SQLITE_INSERT_STAGED_POINTS, ()),
+                OneStatement(SQLITE_CLEAR_STAGED, ()),
                 ManyRows(latest_sql, [latest_row(r._asdict()) for r in latest]),
             ],
         )
-        return {row[0] for row in cast(list[tuple[Any, ...]], claimed_rows)}
+        [(found,)] = cast(list[tuple[str]], stored_before)
+        return set(ids).difference(msgspec.json.decode(found))
 
     async def _claim(self, messages: Sequence[IngestMessage], stored_at: datetime) -> set[str]:
-        statement = _claim_statement(insert_for(self.session))
+        statement = _record_batches(insert_for(self.session)).returning(
+            telemetry_batches.c.message_id
+        )
         result = await self.session.execute(statement, _batch_rows(messages, stored_at))
         return set(result.scalars())
 
-    async def _copy_points(self, rows: Sequence[PointRow]) -> None:
+    async def _copy_points(self, messages: Sequence[IngestMessage]) -> None:
         """PostgreSQL binary ``COPY``."""
+        rows = [point_row(m.device_id, m.id, point) for m in messages for point in m.points]
         if not rows:
             return
         connection = await self.session.connection()

@@ -20,7 +20,7 @@ from fleetmesh.core.database import Database
 from fleetmesh.core.errors import FieldError, InvalidInput
 from fleetmesh.core.uow import SqlUnitOfWork
 from fleetmesh.telemetry import contracts
-from fleetmesh.telemetry.contracts import IngestMessage
+from fleetmesh.telemetry.contracts import IngestMessage, WirePoint
 from fleetmesh.telemetry.domain import HOUR_MS, TransformSpec
 from fleetmesh.telemetry.projection import DeviceDirectory, TypeProfile
 from fleetmesh.telemetry.reads import BucketRead, PointQuery, PointRead, RollupRead, TelemetryReads
@@ -31,7 +31,7 @@ from fleetmesh.telemetry.repository import (
     RetentionStore,
     Series,
 )
-from fleetmesh.telemetry.tables import PointRow, Value, point_row
+from fleetmesh.telemetry.tables import Value, point_row
 
 MAX_RETENTION_DAYS: Final = 36_500.0
 AGGREGATES: Final = ("avg", "min", "max", "sum", "count", "last")
@@ -187,10 +187,11 @@ async def store_batches(
     The message ids go to ``telemetry_batches`` first, in the same transaction as the points,
     the latest values and one ``fleetmesh.telemetry.collected.v1`` event per device: a
     device whose batches were stored together (many one-point MQTT messages) is announced
-    once, for all of them. The rows are built before the transaction begins (on SQLite,
-    before the write lock is taken), and written with the claim, as if every message were
-    new; when one was stored before (a redelivery), the transaction is rolled back and the
-    others are stored alone.
+    once, for all of them. The latest values are found before the transaction begins, and
+    the points staged before the write lock is taken (on SQLite, in a temporary table of
+    the transaction's connection); under it they are written with the claim, as if every
+    message were new. When one was stored before (a redelivery), the transaction is rolled
+    back and the others are staged and stored alone.
     """
     unique: dict[str, IngestMessage] = {}
     for message in messages:
@@ -199,52 +200,57 @@ async def store_batches(
     if not unique:
         return StoreResult([], [], 0)
     plan = _StorePlan.of(list(unique.values()))
-    async with uow:
+    async with uow.lock_writes_later():
+        await uow.points.stage(plan.messages)
+        await uow.lock_writes()
         while True:
-            claimed = await uow.points.claim_and_write(
-                plan.messages, plan.rows, plan.latest_rows, now
-            )
+            claimed = await uow.points.claim_and_write(plan.messages, plan.latest_rows, now)
             if len(claimed) == len(plan.messages):
                 break
             await uow.rollback()  # some were stored before: store the others alone
             plan = _StorePlan.of([m for m in plan.messages if m.id in claimed])
+            await uow.points.stage(plan.messages)
         for batches in plan.by_device.values():
             uow.emit(_collected(batches))
         await uow.commit()
     return StoreResult(
         stored=[m.id for m in plan.messages],
         duplicates=[key for key in unique if key not in claimed],
-        points=len(plan.rows),
+        points=plan.points,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class _StorePlan:
-    """What storing these messages writes: point rows, latest rows, batches per device."""
+    """What storing these messages writes besides their points: latest rows, batches per
+    device."""
 
     messages: list[IngestMessage]
-    rows: list[PointRow]
+    points: int
     latest_rows: list[LatestRow]
     by_device: dict[str, list[IngestMessage]]
 
     @classmethod
     def of(cls, messages: list[IngestMessage]) -> _StorePlan:
-        rows: list[PointRow] = []
-        latest: dict[tuple[str, str], PointRow] = {}
+        latest: dict[tuple[str, str], tuple[IngestMessage, WirePoint]] = {}
         by_device: dict[str, list[IngestMessage]] = {}
+        points = 0
         for message in messages:
             by_device.setdefault(message.device_id, []).append(message)
+            points += len(message.points)
+            device_id = message.device_id
             for point in message.points:
-                row = point_row(message.device_id, message.id, point)
-                rows.append(row)
-                key = (message.device_id, point.metric)
+                key = (device_id, point.metric)
                 current = latest.get(key)
-                if current is None or row[2] >= current[2]:
-                    latest[key] = row
+                if current is None or point.ts_ms >= current[1].ts_ms:
+                    latest[key] = (message, point)
         # In key order: two PostgreSQL writers upserting the same keys lock them in one
         # order, so neither waits for a row the other waits on.
-        latest_rows = [LatestRow(*latest[key]) for key in sorted(latest)]
-        return cls(messages, rows, latest_rows, by_device)
+        latest_rows = [
+            LatestRow(*point_row(message.device_id, message.id, point))
+            for _, (message, point) in sorted(latest.items(), key=lambda item: item[0])
+        ]
+        return cls(messages, points, latest_rows, by_device)
 
 
 def _collected(batches: list[IngestMessage]) -> Any:

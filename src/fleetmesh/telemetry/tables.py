@@ -133,9 +133,46 @@ POINT_COLUMNS: Final = (
 SQLITE_INSERT_POINTS: Final = (
     f"INSERT INTO telemetry_points ({', '.join(POINT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-SQLITE_INSERT_NEW_POINTS: Final = SQLITE_INSERT_POINTS + " ON CONFLICT DO NOTHING"
-"""Written before the claim is known: a redelivered batch's rows are there already (only a
-uniqueness conflict is skipped; `OR IGNORE` would also drop a row that breaks NOT NULL)."""
+SQLITE_STAGING_TABLE: Final = (
+    f"CREATE TEMP TABLE IF NOT EXISTS telemetry_staged ({', '.join(POINT_COLUMNS)})"
+)
+SQLITE_STAGE_POINTS: Final = f"""
+WITH m AS MATERIALIZED (
+    SELECT json_extract(value, '$[0]') AS device_id, json_extract(value, '$[1]') AS message_id,
+        json_extract(value, '$[2]') AS points
+    FROM json_each(:messages)
+)
+INSERT INTO temp.telemetry_staged ({", ".join(POINT_COLUMNS)})
+SELECT m.device_id, json_extract(p.value, '$[1]'),
+    CASE WHEN typeof(json_extract(p.value, '$[3]')) = 'integer'
+        THEN json_extract(p.value, '$[3]') END,
+    CASE WHEN json_type(p.value, '$[2]') IN ('integer', 'real')
+        THEN json_extract(p.value, '$[2]') END,
+    CASE WHEN json_type(p.value, '$[2]') = 'text' THEN json_extract(p.value, '$[2]') END,
+    CASE json_type(p.value, '$[2]') WHEN 'true' THEN 1 WHEN 'false' THEN 0 END,
+    json_extract(p.value, '$[4]'), m.message_id
+FROM m, json_each(m.points) AS p
+"""
+"""The points of many messages from one JSON parameter, ``[[device_id, message_id,
+[WirePoint, ...]], ...]``, taken apart by SQLite into a temporary table of the connection.
+
+Why: the driver binds every parameter of a many-row insert while holding the GIL that the
+event loop needs (under HTTP load, the writer spent a third of the GIL's time there), and
+SQLite takes rows apart from JSON in one statement step, beside the event loop. A
+temporary table is the connection's own, so this runs before the writer lock is taken;
+under it, ``SQLITE_INSERT_STAGED_POINTS`` copies the rows about three times as fast as a
+many-row insert of the same rows. ``MATERIALIZED`` (SQLite 3.35) keeps the messages' ids
+from being extracted again for every point. A timestamp that is not a 64-bit integer
+becomes NULL, which ``telemetry_points`` refuses."""
+SQLITE_INSERT_STAGED_POINTS: Final = (
+    f"INSERT INTO telemetry_points ({', '.join(POINT_COLUMNS)})"
+    f" SELECT {', '.join(POINT_COLUMNS)} FROM temp.telemetry_staged WHERE true"
+    " ON CONFLICT DO NOTHING"
+)
+"""Written before the claim is known: a redelivered batch's rows are there already, and only
+a uniqueness conflict is skipped (``OR IGNORE`` would also drop a row that breaks NOT NULL).
+(``WHERE true`` tells SQLite's parser that ``ON CONFLICT`` is the upsert clause.)"""
+SQLITE_CLEAR_STAGED: Final = "DELETE FROM temp.telemetry_staged"
 ROLLUP_BUCKET_MS: Final = HOUR_MS
 
 PointRow = tuple[str, str, int, float | None, str | None, bool | None, float, str]

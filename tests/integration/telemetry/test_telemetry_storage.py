@@ -21,6 +21,7 @@ from fleetmesh.telemetry.contracts import IngestMessage, WirePoint
 from fleetmesh.telemetry.ingest import Ingestor
 from fleetmesh.telemetry.retention import RetentionJob
 from fleetmesh.telemetry.service import TelemetryUnitOfWork, store_batches
+from fleetmesh.telemetry.tables import point_row
 from fleetmesh.telemetry.writer import WRITER_DURABLE, TelemetryWriter
 from support import restart_repeatedly
 
@@ -336,3 +337,30 @@ async def test_a_transaction_with_some_batches_stored_before_stores_the_others_o
     latest = "SELECT ts FROM telemetry_latest WHERE device_id = :d AND metric = 'power'"
     assert await scalar(platform, latest, d="m-1") == at - 50 + 2
     assert await scalar(platform, latest, d="m-2") == at - 10 + 2
+
+
+async def test_every_kind_of_value_is_stored_in_the_column_of_its_type(
+    platform: Platform,
+) -> None:
+    at = now_ms()
+    values: list[bool | int | float | str] = [True, False, 0, 7, -2.5, 1e300, 2**53 + 1, "on", ""]
+    values += ['ünïcødé "quoted" \\ back']
+    points = [WirePoint(i, f"m{i}", value, at + i, 0.5) for i, value in enumerate(values)]
+    message = IngestMessage(new_id(), "k-1", at, "test", points)
+
+    await store_batches(
+        [message], uow=TelemetryUnitOfWork(platform.database), now=platform.clock.now()
+    )
+
+    async with platform.database.session() as session:
+        found = await session.execute(
+            text(
+                "SELECT metric, ts, value_num, value_text, value_bool, quality, message_id"
+                " FROM telemetry_points WHERE device_id = 'k-1' ORDER BY ts"
+            )
+        )
+        rows = [tuple(row) for row in found]
+    expected = [point_row("k-1", message.id, point)[1:] for point in points]
+    assert [(*row[:4], None if row[4] is None else bool(row[4]), *row[5:]) for row in rows] == [
+        tuple(row) for row in expected
+    ]

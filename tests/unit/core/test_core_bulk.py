@@ -25,6 +25,7 @@ from fleetmesh.core.bulk import (
     DriverQuery,
     DriverStatement,
     ManyRows,
+    OneStatement,
     _statement_sizes,
     executemany,
     fetch,
@@ -186,6 +187,31 @@ async def test_on_sqlite_writes_at_once_run_in_order_and_a_failure_raises(tmp_pa
     assert moved == 1  # t04400 already counts more than 1
     assert again == [("new",)]
     assert count == 50
+
+
+async def test_on_sqlite_one_statements_run_at_once_with_many_rows(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'bulk.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(_table.metadata.create_all)
+    from_json = (
+        "INSERT INTO things (id, count) SELECT json_extract(value, '$[0]'),"
+        " json_extract(value, '$[1]') FROM json_each(:rows)"
+    )
+    async with AsyncSession(engine) as session:
+        connection = await session.connection()
+        inserted, counted, upserted = await sqlite_many_rows_at_once(
+            connection,
+            [
+                OneStatement(from_json, {"rows": '[["a", 1], ["b", 2], ["c", 3]]'}),
+                OneStatement("SELECT sum(count) FROM things WHERE id > ?", ("a",), True),
+                ManyRows(_UPSERT, [("c", 30, None)]),
+            ],
+        )
+        await session.commit()
+        total = await session.scalar(select(func.sum(_table.c.count)))
+    await engine.dispose()
+    assert (inserted, counted, upserted) == (3, [(5,)], 1)
+    assert total == 33
 
 
 def test_statements_come_in_few_sizes_so_sqlite_keeps_them_compiled() -> None:
