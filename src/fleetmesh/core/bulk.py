@@ -287,9 +287,13 @@ async def fetch(
     """The query's rows, its parameters given in the order it was declared with."""
     connection = await session.connection()
     sql, places, from_driver = query.for_dialect(connection.dialect)
-    result = await connection.exec_driver_sql(sql, tuple([parameters[i] for i in places]))
+    ordered = tuple([parameters[i] for i in places])
     if connection.dialect.name == "sqlite":
-        return [from_driver(row) for row in msgspec.json.decode(result.scalar_one())]
+        # One call to the driver's thread; SQLAlchemy's own path takes four.
+        driver = await _driver_connection(connection)
+        [(found,)] = await driver.execute_fetchall(sql, ordered)
+        return [from_driver(row) for row in msgspec.json.decode(found)]
+    result = await connection.exec_driver_sql(sql, ordered)
     return [from_driver(row) for row in result.all()]
 
 

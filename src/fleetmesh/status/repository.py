@@ -20,7 +20,7 @@ import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -45,7 +45,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleetmesh.core.bulk import DriverQuery, DriverStatement, executemany, fetch
+from fleetmesh.core.bulk import (
+    DriverQuery,
+    DriverStatement,
+    ManyRows,
+    executemany,
+    fetch,
+    sqlite_many_rows_at_once,
+)
 from fleetmesh.core.sqltypes import UtcDateTime
 from fleetmesh.status import timeout_writes
 from fleetmesh.status.domain import (
@@ -328,52 +335,50 @@ class SqlStatusRepository:
 
     async def save_many(self, devices: Sequence[TrackedDevice]) -> None:
         """Write the changed columns of the changed devices, each only if its version is
-        the one loaded. Devices that changed the same columns share one executemany, and
-        a row that only moved `last_seen` leaves the status indexes alone."""
-        changed = [d for d in devices if d.changed]
-        if not changed:
-            return
-        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        rows: list[dict[str, Any]] = []
-        for tracked in changed:
-            if tracked.status.version == tracked.stored_version:
-                tracked.status.version += 1  # every write moves the version
-            row = _device_row(tracked)
-            columns = _changed_columns(row, tracked.stored_row)
-            params = {name: row[name] for name in columns}
-            params["b_device_id"] = tracked.device_id
-            params["b_version"] = tracked.stored_version
-            groups.setdefault(columns, []).append(params)
-            rows.append(row)
-        written: int | None = 0
-        for columns, batch in groups.items():
-            rowcount = await executemany(self.session, _versioned_update(columns), batch)
-            written = None if written is None or rowcount < 0 else written + rowcount
-        if written is not None and written != len(changed):
-            raise ConcurrentUpdate(f"{len(changed) - written} status rows changed concurrently")
-        for tracked, row in zip(changed, rows, strict=True):
-            tracked.stored_version = tracked.status.version
-            tracked.stored_row = row
-            tracked.extra_changed = False
+        the one loaded (else `ConcurrentUpdate`). Devices that changed the same columns
+        share one statement, and a row that only moved `last_seen` leaves the status
+        indexes alone."""
+        await self.save_window(devices, (), (), None)
 
     async def add_history(self, changes: Sequence[StatusChanged]) -> None:
-        if changes:
-            await executemany(
-                self.session,
-                _HISTORY_INSERT,
-                [
-                    {
-                        "device_id": c.device_id,
-                        "sequence": c.sequence,
-                        "at": c.at,
-                        "previous": c.previous.value,
-                        "current": c.current.value,
-                        "cause": c.cause.value,
-                        "detail": c.detail,
-                    }
-                    for c in changes
-                ],
-            )
+        await self.save_window((), changes, (), None)
+
+    async def add_quality(self, samples: Sequence[QualitySample]) -> None:
+        await self.save_window((), (), samples, None)
+
+    async def raise_offset(self, name: str, seq: int) -> None:
+        await self.save_window((), (), (), (name, seq))
+
+    async def save_window(
+        self,
+        devices: Sequence[TrackedDevice],
+        changes: Sequence[StatusChanged],
+        samples: Sequence[QualitySample],
+        offset: tuple[str, int] | None,
+    ) -> None:
+        """What a window of reports writes: the devices (as `save_many`), their history
+        rows, quality samples and the consumer's offset; on SQLite in one call to the
+        driver's thread (see `core.bulk.sqlite_many_rows_at_once`)."""
+        updates = _DeviceUpdates.of(devices)
+        writes = [*updates.writes, _Writes(_HISTORY_INSERT, [_history_row(c) for c in changes])]
+        writes.append(_Writes(_QUALITY_UPSERT[self.dialect], _quality_rows(samples)))
+        if offset is not None:
+            name, seq = offset
+            writes.append(_Writes(_OFFSET_UPSERT[self.dialect], [{"name": name, "seq": seq}]))
+        counts = await self._write(writes)
+        updates.saved(counts[: len(updates.writes)])
+
+    async def _write(self, writes: Sequence[_Writes]) -> list[int]:
+        """Run the writes in order; the rows each changed (-1 when the driver does not
+        tell)."""
+        if self.dialect != "sqlite":
+            return [await executemany(self.session, w.statement, w.rows) for w in writes]
+        connection = await self.session.connection()
+        many: list[ManyRows] = []
+        for write in writes:
+            sql, to_parameters = write.statement.for_dialect(connection.dialect)
+            many.append(ManyRows(sql, [to_parameters(row) for row in write.rows]))
+        return cast(list[int], await sqlite_many_rows_at_once(connection, many))
 
     async def upsert_type(
         self, name: str, offline_timeout_s: float | None, expected_interval_s: float | None
@@ -403,48 +408,11 @@ class SqlStatusRepository:
 
     # ------------------------------------------------------------ quality and offsets
 
-    async def add_quality(self, samples: Sequence[QualitySample]) -> None:
-        merged: dict[tuple[str, datetime], list[float]] = {}
-        for sample in samples:
-            entry = merged.setdefault((sample.device_id, sample.bucket), [0, 0.0])
-            entry[0] += sample.points
-            entry[1] += sample.quality_sum
-        if not merged:
-            return
-        rows = [
-            {"device_id": d, "bucket": b, "points": int(p), "quality_sum": s}
-            for (d, b), (p, s) in merged.items()
-        ]
-        statement = self._insert(status_quality)
-        statement = statement.on_conflict_do_update(
-            index_elements=["device_id", "bucket"],
-            set_={
-                "points": status_quality.c.points + statement.excluded.points,
-                "quality_sum": status_quality.c.quality_sum + statement.excluded.quality_sum,
-            },
-        )
-        await self.session.execute(statement, rows)
-
     async def get_offset(self, name: str) -> int:
         seq = await self.session.scalar(
             select(status_offsets.c.seq).where(status_offsets.c.name == name)
         )
         return int(seq or 0)
-
-    async def raise_offset(self, name: str, seq: int) -> None:
-        statement = self._insert(status_offsets).values(name=name, seq=seq)
-        statement = statement.on_conflict_do_update(
-            index_elements=["name"],
-            set_={"seq": func.max(status_offsets.c.seq, statement.excluded.seq)}
-            if self.dialect == "sqlite"
-            else {"seq": func.greatest(status_offsets.c.seq, statement.excluded.seq)},
-        )
-        await self.session.execute(statement)
-
-    def _insert(self, table: Table) -> Any:
-        if self.dialect == "postgresql":
-            return postgresql.insert(table)
-        return sqlite.insert(table)
 
     # ------------------------------------------------------------ health checks
 
@@ -755,6 +723,105 @@ def _device_row(tracked: TrackedDevice) -> dict[str, Any]:
         "quality_recent": tracked.quality_recent,
         "registered_at": tracked.registered_at,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class _Writes:
+    statement: DriverStatement
+    rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _DeviceUpdates:
+    """The versioned updates of the devices that changed, by the columns they changed."""
+
+    changed: list[TrackedDevice]
+    rows: list[dict[str, Any]]
+    writes: list[_Writes]
+
+    @classmethod
+    def of(cls, devices: Sequence[TrackedDevice]) -> _DeviceUpdates:
+        changed = [d for d in devices if d.changed]
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        rows: list[dict[str, Any]] = []
+        for tracked in changed:
+            if tracked.status.version == tracked.stored_version:
+                tracked.status.version += 1  # every write moves the version
+            row = _device_row(tracked)
+            columns = _changed_columns(row, tracked.stored_row)
+            params = {name: row[name] for name in columns}
+            params["b_device_id"] = tracked.device_id
+            params["b_version"] = tracked.stored_version
+            groups.setdefault(columns, []).append(params)
+            rows.append(row)
+        writes = [_Writes(_versioned_update(columns), batch) for columns, batch in groups.items()]
+        return cls(changed, rows, writes)
+
+    def saved(self, counts: Sequence[int]) -> None:
+        """Raise `ConcurrentUpdate` unless every row was written; else remember them."""
+        if all(count >= 0 for count in counts) and sum(counts) != len(self.changed):
+            missing = len(self.changed) - sum(counts)
+            raise ConcurrentUpdate(f"{missing} status rows changed concurrently")
+        for tracked, row in zip(self.changed, self.rows, strict=True):
+            tracked.stored_version = tracked.status.version
+            tracked.stored_row = row
+            tracked.extra_changed = False
+
+
+def _history_row(change: StatusChanged) -> dict[str, Any]:
+    return {
+        "device_id": change.device_id,
+        "sequence": change.sequence,
+        "at": change.at,
+        "previous": change.previous.value,
+        "current": change.current.value,
+        "cause": change.cause.value,
+        "detail": change.detail,
+    }
+
+
+def _quality_rows(samples: Sequence[QualitySample]) -> list[dict[str, Any]]:
+    """One row per device and bucket (one statement matches each row once)."""
+    merged: dict[tuple[str, datetime], list[float]] = {}
+    for sample in samples:
+        entry = merged.setdefault((sample.device_id, sample.bucket), [0, 0.0])
+        entry[0] += sample.points
+        entry[1] += sample.quality_sum
+    return [
+        {"device_id": d, "bucket": b, "points": int(p), "quality_sum": s}
+        for (d, b), (p, s) in merged.items()
+    ]
+
+
+def _quality_upsert(insert_into: Any) -> DriverStatement:
+    statement = insert_into(status_quality)
+    statement = statement.on_conflict_do_update(
+        index_elements=["device_id", "bucket"],
+        set_={
+            "points": status_quality.c.points + statement.excluded.points,
+            "quality_sum": status_quality.c.quality_sum + statement.excluded.quality_sum,
+        },
+    )
+    return DriverStatement(statement, ("device_id", "bucket", "points", "quality_sum"))
+
+
+def _offset_upsert(insert_into: Any, greatest: Any) -> DriverStatement:
+    statement = insert_into(status_offsets)
+    statement = statement.on_conflict_do_update(
+        index_elements=["name"],
+        set_={"seq": greatest(status_offsets.c.seq, statement.excluded.seq)},
+    )
+    return DriverStatement(statement, ("name", "seq"))
+
+
+_QUALITY_UPSERT = {
+    "sqlite": _quality_upsert(sqlite.insert),
+    "postgresql": _quality_upsert(postgresql.insert),
+}
+_OFFSET_UPSERT = {
+    "sqlite": _offset_upsert(sqlite.insert, func.max),
+    "postgresql": _offset_upsert(postgresql.insert, func.greatest),
+}
 
 
 @functools.lru_cache(maxsize=256)

@@ -300,11 +300,7 @@ class StatusService:
                 reports.sort(key=lambda r: r.observed_at)
                 changes += self._apply(device, reports, policy_delay)
                 samples += self._record_quality(device, item)
-            await uow.repo.save_many(list(tracked.values()))
-            await uow.repo.add_history(changes)
-            await uow.repo.add_quality(samples)
-            if offset is not None:
-                await uow.repo.raise_offset(*offset)
+            await uow.repo.save_window(list(tracked.values()), changes, samples, offset)
             _emit(uow, changes)
             await uow.commit()
         for device_id, next_check in silenced.next_checks.items():
