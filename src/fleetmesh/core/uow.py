@@ -75,15 +75,22 @@ class SqlUnitOfWork:
     ) -> None:
         try:
             if self._session is not None:
+                if not self._session.in_transaction():
+                    # Committed, nothing left to undo: the next writer need not wait for
+                    # the connection's return to the pool (a rollback on the driver's thread).
+                    self._unlock_writes()
                 with contextlib.suppress(Exception):
                     await self._session.rollback()
                 await self._session.close()
         finally:
             self._session = None
             self._pending.clear()
-            if self._lock_held:
-                self._lock_held = False
-                self.database.write_lock.release()
+            self._unlock_writes()
+
+    def _unlock_writes(self) -> None:
+        if self._lock_held:
+            self._lock_held = False
+            self.database.write_lock.release()
 
     def emit(self, event: CloudEvent) -> None:
         """Publish this event if, and only if, the transaction commits."""

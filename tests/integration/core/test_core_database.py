@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -58,3 +59,27 @@ async def test_several_processes_on_one_file_lock_writes_on_enter(tmp_path: Path
             assert database.write_lock.locked()
     finally:
         await database.dispose()
+
+
+async def test_a_committed_unit_of_work_unlocks_writes_before_returning_its_connection(
+    tmp_path: Path,
+) -> None:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    locked_at_close: list[bool] = []
+
+    async def remember_lock_then_close(close: Any) -> None:
+        locked_at_close.append(database.write_lock.locked())
+        await close()
+
+    try:
+        for commit in (True, False):
+            async with SqlUnitOfWork(database) as uow:
+                await uow.session.execute(text("CREATE TABLE IF NOT EXISTS t (n)"))
+                await uow.session.execute(text("INSERT INTO t VALUES (1)"))
+                close = uow.session.close
+                uow.session.close = lambda close=close: remember_lock_then_close(close)  # type: ignore[method-assign]
+                if commit:
+                    await uow.commit()
+    finally:
+        await database.dispose()
+    assert locked_at_close == [False, True]
