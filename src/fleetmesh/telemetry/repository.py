@@ -9,6 +9,7 @@ from typing import Any, Final, NamedTuple, cast
 
 import msgspec
 from sqlalchemy import (
+    bindparam,
     case,
     delete,
     func,
@@ -16,10 +17,17 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fleetmesh.core.bulk import DriverStatement, ManyRows, OneStatement, sqlite_many_rows_at_once
+from fleetmesh.core.bulk import (
+    DriverStatement,
+    ManyRows,
+    OneStatement,
+    executemany,
+    sqlite_many_rows_at_once,
+)
+from fleetmesh.core.sqltypes import UtcDateTime
 from fleetmesh.telemetry.contracts import IngestMessage
 from fleetmesh.telemetry.tables import (
     POINT_COLUMNS,
@@ -211,6 +219,19 @@ _SQLITE_STORED_BEFORE = (
 """One row, however many ids: the driver needs the GIL back after every row it steps
 through, which a busy event loop hands over only every switch interval."""
 _SQLITE_LATEST = DriverStatement(_latest_upsert(sqlite.insert), POINT_COLUMNS)
+_POSTGRES_LATEST = DriverStatement(_latest_upsert(postgresql.insert), POINT_COLUMNS)
+_POSTGRES_CLAIM = text(
+    """
+INSERT INTO telemetry_batches (message_id, device_id, count, first_ts, last_ts, stored_at)
+SELECT j.e ->> 0, j.e ->> 1, CAST(j.e ->> 2 AS integer), CAST(j.e ->> 3 AS bigint),
+    CAST(j.e ->> 4 AS bigint), :stored_at
+FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS j(e)
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id
+"""
+).bindparams(bindparam("stored_at", type_=UtcDateTime()))
+"""The batches' ids, recorded once, from one JSON parameter (PostgreSQL takes the rows
+apart): what returns was not stored before."""
 
 
 def _batch_rows(messages: Sequence[IngestMessage], stored_at: datetime) -> list[dict[str, Any]]:
@@ -301,10 +322,12 @@ class PointStore:
         return set(ids).difference(msgspec.json.decode(found))
 
     async def _claim(self, messages: Sequence[IngestMessage], stored_at: datetime) -> set[str]:
-        statement = _record_batches(insert_for(self.session)).returning(
-            telemetry_batches.c.message_id
-        )
-        result = await self.session.execute(statement, _batch_rows(messages, stored_at))
+        rows = [
+            [r["message_id"], r["device_id"], r["count"], r["first_ts"], r["last_ts"]]
+            for r in _batch_rows(messages, stored_at)
+        ]
+        parameters = {"rows": _encode(rows).decode(), "stored_at": stored_at}
+        result = await self.session.execute(_POSTGRES_CLAIM, parameters)
         return set(result.scalars())
 
     async def _copy_points(self, messages: Sequence[IngestMessage]) -> None:
@@ -324,8 +347,7 @@ class PointStore:
         """The newest point of each (device, metric); an older one never replaces it."""
         if not rows:
             return
-        statement = _latest_upsert(insert_for(self.session))
-        await self.session.execute(statement, [row._asdict() for row in rows])
+        await executemany(self.session, _POSTGRES_LATEST, [row._asdict() for row in rows])
 
     async def stored(self, message_id: str) -> bool:
         found = await self.session.scalar(
