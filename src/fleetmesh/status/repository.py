@@ -361,7 +361,8 @@ class SqlStatusRepository:
         driver's thread (see `core.bulk.sqlite_many_rows_at_once`)."""
         updates = _DeviceUpdates.of(devices)
         writes = [*updates.writes, _Writes(_HISTORY_INSERT, [_history_row(c) for c in changes])]
-        writes.append(_Writes(_QUALITY_UPSERT[self.dialect], _quality_rows(samples)))
+        quality = _Writes(_QUALITY_UPSERT[self.dialect], _quality_rows(samples), many_values=True)
+        writes.append(quality)
         if offset is not None:
             name, seq = offset
             writes.append(_Writes(_OFFSET_UPSERT[self.dialect], [{"name": name, "seq": seq}]))
@@ -372,13 +373,19 @@ class SqlStatusRepository:
         """Run the writes in order; the rows each changed (-1 when the driver does not
         tell)."""
         if self.dialect != "sqlite":
-            return [await executemany(self.session, w.statement, w.rows) for w in writes]
+            return [await self._write_postgres(write) for write in writes]
         connection = await self.session.connection()
         many: list[ManyRows] = []
         for write in writes:
             sql, to_parameters = write.statement.for_dialect(connection.dialect)
             many.append(ManyRows(sql, [to_parameters(row) for row in write.rows]))
         return cast(list[int], await sqlite_many_rows_at_once(connection, many))
+
+    async def _write_postgres(self, write: _Writes) -> int:
+        if not (write.many_values and write.rows):
+            return await executemany(self.session, write.statement, write.rows)
+        await self.session.execute(write.statement.statement, write.rows)
+        return -1
 
     async def upsert_type(
         self, name: str, offline_timeout_s: float | None, expected_interval_s: float | None
@@ -729,6 +736,9 @@ def _device_row(tracked: TrackedDevice) -> dict[str, Any]:
 class _Writes:
     statement: DriverStatement
     rows: list[dict[str, Any]]
+    many_values: bool = False
+    """On PostgreSQL, one statement for many rows (SQLAlchemy's many-values insert), not
+    one execution per row (the driver's executemany)."""
 
 
 @dataclass(frozen=True, slots=True)

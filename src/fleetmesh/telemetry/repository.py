@@ -24,7 +24,6 @@ from fleetmesh.core.bulk import (
     DriverStatement,
     ManyRows,
     OneStatement,
-    executemany,
     sqlite_many_rows_at_once,
 )
 from fleetmesh.core.sqltypes import UtcDateTime
@@ -219,7 +218,6 @@ _SQLITE_STORED_BEFORE = (
 """One row, however many ids: the driver needs the GIL back after every row it steps
 through, which a busy event loop hands over only every switch interval."""
 _SQLITE_LATEST = DriverStatement(_latest_upsert(sqlite.insert), POINT_COLUMNS)
-_POSTGRES_LATEST = DriverStatement(_latest_upsert(postgresql.insert), POINT_COLUMNS)
 _POSTGRES_CLAIM = text(
     """
 INSERT INTO telemetry_batches (message_id, device_id, count, first_ts, last_ts, stored_at)
@@ -347,7 +345,8 @@ class PointStore:
         """The newest point of each (device, metric); an older one never replaces it."""
         if not rows:
             return
-        await executemany(self.session, _POSTGRES_LATEST, [row._asdict() for row in rows])
+        statement = _latest_upsert(postgresql.insert)  # one statement for all the rows
+        await self.session.execute(statement, [row._asdict() for row in rows])
 
     async def stored(self, message_id: str) -> bool:
         found = await self.session.scalar(
