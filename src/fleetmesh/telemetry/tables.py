@@ -157,7 +157,7 @@ FROM m, json_each(m.points) AS p
 [WirePoint, ...]], ...]``, taken apart by SQLite into a temporary table of the connection.
 
 Why: the driver binds every parameter of a many-row insert while holding the GIL that the
-event loop needs (under HTTP load, the writer spent a third of the GIL's time there), and
+event loop needs (under HTTP load, the writer held it in 30 % of the samples), and
 SQLite takes rows apart from JSON in one statement step, beside the event loop. A
 temporary table is the connection's own, so this runs before the writer lock is taken;
 under it, ``SQLITE_INSERT_STAGED_POINTS`` copies the rows about three times as fast as a
