@@ -232,18 +232,28 @@ RETURNING message_id
 apart): what returns was not stored before."""
 
 
-def _batch_rows(messages: Sequence[IngestMessage], stored_at: datetime) -> list[dict[str, Any]]:
+class BatchSpan(NamedTuple):
+    """A stored message as ``telemetry_batches`` records it (besides when)."""
+
+    message_id: str
+    device_id: str
+    points: int
+    first_ts: int
+    last_ts: int
+
+
+def _batch_rows(batches: Sequence[BatchSpan], stored_at: datetime) -> list[dict[str, Any]]:
     """The ``telemetry_batches`` rows of the messages."""
     return [
         {
-            "message_id": m.id,
-            "device_id": m.device_id,
-            "count": len(m.points),
-            "first_ts": min(p.ts_ms for p in m.points),
-            "last_ts": max(p.ts_ms for p in m.points),
+            "message_id": b.message_id,
+            "device_id": b.device_id,
+            "count": b.points,
+            "first_ts": b.first_ts,
+            "last_ts": b.last_ts,
             "stored_at": stored_at,
         }
-        for m in messages
+        for b in batches
     ]
 
 
@@ -282,7 +292,11 @@ class PointStore:
         )
 
     async def claim_and_write(
-        self, messages: Sequence[IngestMessage], latest: Sequence[LatestRow], stored_at: datetime
+        self,
+        messages: Sequence[IngestMessage],
+        batches: Sequence[BatchSpan],
+        latest: Sequence[LatestRow],
+        stored_at: datetime,
     ) -> set[str]:
         """Record the messages as stored and write their points and latest values; returns
         the ids that were not stored before.
@@ -297,7 +311,7 @@ class PointStore:
         if not messages:
             return set()
         if self.dialect != "sqlite":
-            claimed = await self._claim(messages, stored_at)
+            claimed = await self._claim(batches, stored_at)
             if len(claimed) == len(messages):
                 await self._copy_points(messages)
                 await self._upsert_latest(latest)
@@ -310,7 +324,7 @@ class PointStore:
             connection,
             [
                 OneStatement(_SQLITE_STORED_BEFORE, {"ids": _encode(ids).decode()}, True),
-                ManyRows(record_sql, [record_row(r) for r in _batch_rows(messages, stored_at)]),
+                ManyRows(record_sql, [record_row(r) for r in _batch_rows(batches, stored_at)]),
                 OneStatement(SQLITE_INSERT_STAGED_POINTS, ()),
                 OneStatement(SQLITE_CLEAR_STAGED, ()),
                 ManyRows(latest_sql, [latest_row(r._asdict()) for r in latest]),
@@ -319,11 +333,8 @@ class PointStore:
         [(found,)] = cast(list[tuple[str]], stored_before)
         return set(ids).difference(msgspec.json.decode(found))
 
-    async def _claim(self, messages: Sequence[IngestMessage], stored_at: datetime) -> set[str]:
-        rows = [
-            [r["message_id"], r["device_id"], r["count"], r["first_ts"], r["last_ts"]]
-            for r in _batch_rows(messages, stored_at)
-        ]
+    async def _claim(self, batches: Sequence[BatchSpan], stored_at: datetime) -> set[str]:
+        rows = [list(batch) for batch in batches]
         parameters = {"rows": _encode(rows).decode(), "stored_at": stored_at}
         result = await self.session.execute(_POSTGRES_CLAIM, parameters)
         return set(result.scalars())

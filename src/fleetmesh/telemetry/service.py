@@ -17,6 +17,7 @@ from typing import Any, Final
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleetmesh.core.database import Database
+from fleetmesh.core.envelope import CloudEvent
 from fleetmesh.core.errors import FieldError, InvalidInput
 from fleetmesh.core.uow import SqlUnitOfWork
 from fleetmesh.telemetry import contracts
@@ -25,6 +26,7 @@ from fleetmesh.telemetry.domain import HOUR_MS, TransformSpec
 from fleetmesh.telemetry.projection import DeviceDirectory, TypeProfile
 from fleetmesh.telemetry.reads import BucketRead, PointQuery, PointRead, RollupRead, TelemetryReads
 from fleetmesh.telemetry.repository import (
+    BatchSpan,
     LatestRow,
     PointStore,
     ProjectionRepository,
@@ -204,14 +206,16 @@ async def store_batches(
         await uow.points.stage(plan.messages)
         await uow.lock_writes()
         while True:
-            claimed = await uow.points.claim_and_write(plan.messages, plan.latest_rows, now)
+            claimed = await uow.points.claim_and_write(
+                plan.messages, plan.batches, plan.latest_rows, now
+            )
             if len(claimed) == len(plan.messages):
                 break
             await uow.rollback()  # some were stored before: store the others alone
             plan = _StorePlan.of([m for m in plan.messages if m.id in claimed])
             await uow.points.stage(plan.messages)
-        for batches in plan.by_device.values():
-            uow.emit(_collected(batches))
+        for event in plan.events:
+            uow.emit(event)
         await uow.commit()
     return StoreResult(
         stored=[m.id for m in plan.messages],
@@ -222,50 +226,86 @@ async def store_batches(
 
 @dataclass(frozen=True, slots=True)
 class _StorePlan:
-    """What storing these messages writes besides their points: latest rows, batches per
-    device."""
+    """What storing these messages writes besides their points, from one pass over them:
+    the batch records, the latest values and one ``collected`` event per device."""
 
     messages: list[IngestMessage]
     points: int
+    batches: list[BatchSpan]
     latest_rows: list[LatestRow]
-    by_device: dict[str, list[IngestMessage]]
+    events: list[CloudEvent]
 
     @classmethod
     def of(cls, messages: list[IngestMessage]) -> _StorePlan:
         latest: dict[tuple[str, str], tuple[IngestMessage, WirePoint]] = {}
-        by_device: dict[str, list[IngestMessage]] = {}
-        points = 0
+        devices: dict[str, _DeviceTotals] = {}
+        batches: list[BatchSpan] = []
         for message in messages:
-            by_device.setdefault(message.device_id, []).append(message)
-            points += len(message.points)
             device_id = message.device_id
+            totals = devices.get(device_id)
+            if totals is None:
+                totals = devices[device_id] = _DeviceTotals(message)
+            first = last = message.points[0].ts_ms
+            quality = totals.quality
             for point in message.points:
+                ts = point.ts_ms
+                if ts < first:
+                    first = ts
+                elif ts > last:
+                    last = ts
+                quality += point.quality
                 key = (device_id, point.metric)
                 current = latest.get(key)
-                if current is None or point.ts_ms >= current[1].ts_ms:
+                if current is None or ts >= current[1].ts_ms:
                     latest[key] = (message, point)
+            totals.add(message, first, last, quality)
+            batches.append(BatchSpan(message.id, device_id, len(message.points), first, last))
+        for device_id, metric in latest:
+            devices[device_id].metrics.append(metric)
         # In key order: two PostgreSQL writers upserting the same keys lock them in one
         # order, so neither waits for a row the other waits on.
         latest_rows = [
             LatestRow(*point_row(message.device_id, message.id, point))
             for _, (message, point) in sorted(latest.items(), key=lambda item: item[0])
         ]
-        return cls(messages, points, latest_rows, by_device)
+        events = [totals.collected() for totals in devices.values()]
+        points = sum(batch.points for batch in batches)
+        return cls(messages, points, batches, latest_rows, events)
 
 
-def _collected(batches: list[IngestMessage]) -> Any:
-    """One device's batches of a transaction; ``message_id`` is the first batch's."""
-    points = [p for message in batches for p in message.points]
-    return contracts.collected(
-        device_id=batches[0].device_id,
-        message_id=batches[0].id,
-        count=len(points),
-        first_ts_ms=min(p.ts_ms for p in points),
-        last_ts_ms=max(p.ts_ms for p in points),
-        metrics=sorted({p.metric for p in points}),
-        received_at_ms=max(message.received_at_ms for message in batches),
-        quality_mean=sum(p.quality for p in points) / len(points),
-    )
+class _DeviceTotals:
+    """One device's batches of a transaction, as its ``collected`` event tells them;
+    ``message_id`` is the first batch's."""
+
+    def __init__(self, first: IngestMessage) -> None:
+        self.device_id = first.device_id
+        self.message_id = first.id
+        self.count = 0
+        self.first_ts = first.points[0].ts_ms
+        self.last_ts = self.first_ts
+        self.received_at_ms = first.received_at_ms
+        self.quality = 0.0
+        """The points' qualities summed in order (as ``sum`` over them would)."""
+        self.metrics: list[str] = []
+
+    def add(self, message: IngestMessage, first_ts: int, last_ts: int, quality: float) -> None:
+        self.count += len(message.points)
+        self.first_ts = min(self.first_ts, first_ts)
+        self.last_ts = max(self.last_ts, last_ts)
+        self.received_at_ms = max(self.received_at_ms, message.received_at_ms)
+        self.quality = quality
+
+    def collected(self) -> CloudEvent:
+        return contracts.collected(
+            device_id=self.device_id,
+            message_id=self.message_id,
+            count=self.count,
+            first_ts_ms=self.first_ts,
+            last_ts_ms=self.last_ts,
+            metrics=sorted(self.metrics),
+            received_at_ms=self.received_at_ms,
+            quality_mean=self.quality / self.count,
+        )
 
 
 # --------------------------------------------------------------------------- retention
