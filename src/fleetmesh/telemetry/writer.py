@@ -59,7 +59,7 @@ WRITER_DURABLE: Final = "telemetry-writer"
 MAX_MESSAGES_PER_FETCH: Final = 1_000
 MAX_POINTS_PER_TRANSACTION: Final = 50_000
 WRITER_CONCURRENCY: Final = 2
-"""Fetches handled at once: the next one is decoded and its rows built while the database
+"""Fetches handled at once: the next one is decoded and staged while the database
 writes the last (PostgreSQL writes both at once; SQLite one after the other)."""
 ACK_WAIT_S: Final = 30.0
 DAY_S: Final = 86_400
