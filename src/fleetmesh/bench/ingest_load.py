@@ -43,6 +43,7 @@ SAMPLES_PER_BATCH = 250
 POINTS_PER_BATCH = SAMPLES_PER_BATCH * len(METRICS)
 MQTT_IN_FLIGHT = 20
 STORED_METRIC = "fleetmesh_telemetry_points_stored_total"
+LAST_STORED_METRIC = "fleetmesh_telemetry_last_stored_timestamp_seconds"
 MQTT_HOST = "127.0.0.1"
 CONNECT_TIMEOUT_S = 30.0
 POLL_MIN_S = 0.05
@@ -119,7 +120,7 @@ def next_poll_s(remaining: float, rate: float | None) -> float:
 
     A quarter of the time the rest should take at the rate seen so far, within
     [`POLL_MIN_S`, `POLL_MAX_S`]: rendering `/metrics` costs the platform CPU, so it is
-    looked at often only near the end, where the end time is read.
+    looked at often only near the end (the end time itself is the writer's last commit).
     """
     if rate is None:
         return POLL_MIN_S
@@ -213,24 +214,32 @@ class CpuMeter:
 
 async def points_stored(api: httpx.AsyncClient) -> float:
     """The writer's counter of stored points (this platform process's lifetime)."""
+    return (await stored_progress(api))[0]
+
+
+async def stored_progress(api: httpx.AsyncClient) -> tuple[float, float]:
+    """The writer's counter of stored points and the Unix time of its last commit."""
     answer = await api.get("/metrics")
     answer.raise_for_status()
-    return metric_value(answer.text, STORED_METRIC)
+    return metric_value(answer.text, STORED_METRIC), metric_value(answer.text, LAST_STORED_METRIC)
 
 
 async def wait_stored(api: httpx.AsyncClient, target: float, *, stall_s: float) -> float:
-    """`time.perf_counter()` once the counter reaches `target`, or when it last moved.
+    """`time.perf_counter()` of the writer's commit that reached `target` points, or of
+    when the counter last moved.
 
-    Gives up when the counter has not moved for `stall_s`: what is missing then shows
-    as lost rather than as a bench that never ends.
+    The counter is looked at now and then (rendering `/metrics` costs the platform CPU);
+    the moment is read from the time of the writer's last commit, so it does not depend
+    on when the counter was looked at. Gives up when the counter has not moved for
+    `stall_s`: what is missing then shows as lost rather than as a bench that never ends.
     """
     last_value, last_change = -1.0, time.perf_counter()
     previous: tuple[float, float] | None = None
     while True:
-        value = await points_stored(api)
+        value, last_commit = await stored_progress(api)
         now = time.perf_counter()
         if value >= target:
-            return now
+            return on_perf_counter(last_commit, now, time.time()) if last_commit else now
         if value != last_value:
             last_value, last_change = value, now
         elif now - last_change > stall_s:
@@ -238,6 +247,11 @@ async def wait_stored(api: httpx.AsyncClient, target: float, *, stall_s: float) 
         rate = (value - previous[1]) / (now - previous[0]) if previous else None
         previous = (now, value)
         await asyncio.sleep(next_poll_s(target - value, rate))
+
+
+def on_perf_counter(unix_time: float, perf_now: float, unix_now: float) -> float:
+    """A past Unix time on the `time.perf_counter()` scale (never later than now)."""
+    return perf_now - max(0.0, unix_now - unix_time)
 
 
 # --------------------------------------------------------------------------- HTTP

@@ -40,6 +40,11 @@ class TelemetryMetrics:
             "Redelivered messages the writer skipped (already stored)",
             registry=registry,
         )
+        self.last_stored = Gauge(
+            "fleetmesh_telemetry_last_stored_timestamp_seconds",
+            "Unix time of the writer's last commit that stored points",
+            registry=registry,
+        )
         self.writer_backlog = Gauge(
             "fleetmesh_telemetry_writer_backlog",
             "Messages waiting for the writer (pending + unacknowledged)",

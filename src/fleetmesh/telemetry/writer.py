@@ -210,6 +210,8 @@ class BatchStore:
         result = await store_batches(messages, uow=self.uow_factory(), now=self.clock.now())
         self.metrics.store_seconds.observe(time.perf_counter() - started)
         self.metrics.points_stored.inc(result.points)
+        if result.points:
+            self.metrics.last_stored.set_to_current_time()
         self.metrics.batches_stored.inc(len(result.stored))
         self.metrics.batches_duplicate.inc(len(result.duplicates))
         self.notifier.resolve(result.stored + result.duplicates)

@@ -141,6 +141,21 @@ async def test_single_batch_and_compact_ingest_store_good_points_and_report_bad_
     assert malformed.json()["type"].endswith("/malformed-telemetry")
 
 
+async def test_the_time_of_the_last_store_is_exported_for_monitoring(
+    client: httpx.AsyncClient,
+) -> None:
+    await register(client, "s-clock")
+    before = time.time()
+    answer = await post(client, "s-clock", {"metric": "temp", "value": 20.0, "ts": now_ms()})
+    assert answer.status_code == 202 and answer.json()["stored"] is True
+    after = time.time()
+
+    metrics = (await client.get("/metrics")).text
+    name = "fleetmesh_telemetry_last_stored_timestamp_seconds "
+    line = next(line for line in metrics.splitlines() if line.startswith(name))
+    assert before <= float(line.removeprefix(name)) <= after
+
+
 async def test_device_writes_only_its_own_telemetry_and_viewer_keys_cannot_write(
     sqlite_platform: Platform, sqlite_client: httpx.AsyncClient
 ) -> None:

@@ -19,6 +19,7 @@ from fleetmesh.bench.ingest_load import (
     limit_rows,
     metric_value,
     next_poll_s,
+    on_perf_counter,
     one_point,
     option_value,
 )
@@ -92,6 +93,11 @@ def test_the_stored_counter_is_read_from_the_metrics_exposition() -> None:
     )
     assert metric_value(exposition, "fleetmesh_telemetry_points_stored_total") == 1234.0
     assert metric_value("", "fleetmesh_telemetry_points_stored_total") == 0.0
+
+
+def test_the_last_commit_is_placed_on_the_perf_counter_scale() -> None:
+    assert on_perf_counter(1_000.0, perf_now=50.0, unix_now=1_002.5) == 47.5
+    assert on_perf_counter(1_003.0, perf_now=50.0, unix_now=1_002.5) == 50.0
 
 
 def test_a_port_is_read_from_the_platform_command_line() -> None:
