@@ -303,6 +303,22 @@ def timed_out(device_id: str, sequence: int, deadline: datetime, detail: str) ->
     )
 
 
+def seen_again(
+    deadline: datetime, offline_timeout_s: float, first: datetime, last: datetime
+) -> datetime | None:
+    """What `apply` records for telemetry observed from `first` to `last` (reports of life)
+    of an online device whose `deadline()` is `deadline` and whose state has not changed
+    since it was computed, when even the first report is later than the sign of life that
+    deadline counts from: no transition; `last_seen` becomes `last`, `last_update` at least
+    `last`, and the version moves (once per report here; a caller that writes the window
+    at once moves it once). Returns the new deadline, or None when a report is not that
+    late (then only the whole aggregate tells what changes)."""
+    timeout = timedelta(seconds=offline_timeout_s)
+    if first <= deadline - timeout:
+        return None
+    return last + timeout
+
+
 def _require_positive_timeout(offline_timeout_s: float) -> None:
     if not 0 < offline_timeout_s <= MAX_OFFLINE_TIMEOUT_S:
         raise InvalidStatusInput(

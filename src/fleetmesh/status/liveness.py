@@ -69,7 +69,7 @@ class Timers:
     def __init__(self) -> None:
         self.offline = DeadlineScheduler()
         self.checks = DeadlineScheduler()
-        self._armed: dict[str, tuple[datetime, int, int, float]] = {}
+        self._armed: dict[str, tuple[datetime, int, int, float, float | None]] = {}
         """An `Armed` per device, kept as an exact tuple: the collector stops tracking
         those (never a tuple subclass's instances), so 100,000 of them do not make every
         full collection walk them."""
@@ -82,12 +82,22 @@ class Timers:
         deadline = status.deadline()
         armed = None
         if deadline is not None and not device.mqtt_connected:
-            armed = Armed(deadline, status.version, status.sequence, status.offline_timeout_s)
+            armed = Armed(
+                deadline,
+                status.version,
+                status.sequence,
+                status.offline_timeout_s,
+                device.quality_recent,
+            )
         self.set_deadlines(device.device_id, deadline, next_check, armed)
 
     def armed(self, device_id: str, deadline: datetime) -> Armed | None:
         found = self._armed.get(device_id)
         return Armed._make(found) if found is not None and found[0] == deadline else None
+
+    def armed_now(self, device_id: str) -> Armed | None:
+        found = self._armed.get(device_id)
+        return None if found is None else Armed._make(found)
 
     def set_deadlines(
         self,
@@ -97,8 +107,8 @@ class Timers:
         armed: Armed | None = None,
     ) -> None:
         if armed is not None and armed.deadline == deadline:
-            armed_at, version, sequence, timeout_s = armed
-            self._armed[device_id] = (armed_at, version, sequence, timeout_s)
+            armed_at, version, sequence, timeout_s, quality = armed
+            self._armed[device_id] = (armed_at, version, sequence, timeout_s, quality)
         else:
             self._armed.pop(device_id, None)
         for scheduler, at in ((self.offline, deadline), (self.checks, next_check)):

@@ -39,6 +39,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -49,18 +50,21 @@ from fleetmesh.core.bulk import (
     DriverQuery,
     DriverStatement,
     ManyRows,
+    OneStatement,
+    Write,
     executemany,
     fetch,
     sqlite_many_rows_at_once,
 )
 from fleetmesh.core.sqltypes import UtcDateTime
-from fleetmesh.status import timeout_writes
+from fleetmesh.status import set_writes
 from fleetmesh.status.domain import (
     MAX_OFFLINE_TIMEOUT_S,
     DeviceState,
     DeviceStatus,
     StatusChanged,
 )
+from fleetmesh.status.set_writes import SeenRow
 
 metadata = MetaData()
 
@@ -302,11 +306,11 @@ class SqlStatusRepository:
         longer at that version."""
         if not devices:
             return
-        rows = timeout_writes.encoded_rows(devices)
-        written = await timeout_writes.update_status_rows(self.session, self.dialect, rows)
+        rows = set_writes.encoded_rows(devices)
+        written = await set_writes.update_status_rows(self.session, self.dialect, rows)
         if 0 <= written != len(devices):
             raise ConcurrentUpdate(f"{len(devices) - written} status rows changed concurrently")
-        await timeout_writes.insert_history(self.session, self.dialect, rows)
+        await set_writes.insert_history(self.session, self.dialect, rows)
 
     async def insert_many(self, new_devices: Sequence[TrackedDevice]) -> None:
         """Store newly registered devices with their history row 0 (the registration)."""
@@ -355,10 +359,13 @@ class SqlStatusRepository:
         changes: Sequence[StatusChanged],
         samples: Sequence[QualitySample],
         offset: tuple[str, int] | None,
+        seen: Sequence[SeenRow] = (),
     ) -> None:
         """What a window of reports writes: the devices (as `save_many`), their history
-        rows, quality samples and the consumer's offset; on SQLite in one call to the
-        driver's thread (see `core.bulk.sqlite_many_rows_at_once`)."""
+        rows, quality samples, the consumer's offset and the devices whose telemetry only
+        moved `last_seen` (each only if its row is at the version given, else
+        `ConcurrentUpdate`); on SQLite in one call to the driver's thread (see
+        `core.bulk.sqlite_many_rows_at_once`)."""
         updates = _DeviceUpdates.of(devices)
         writes = [*updates.writes, _Writes(_HISTORY_INSERT, [_history_row(c) for c in changes])]
         quality = _Writes(_QUALITY_UPSERT[self.dialect], _quality_rows(samples), many_values=True)
@@ -366,19 +373,32 @@ class SqlStatusRepository:
         if offset is not None:
             name, seq = offset
             writes.append(_Writes(_OFFSET_UPSERT[self.dialect], [{"name": name, "seq": seq}]))
-        counts = await self._write(writes)
+        statements = set_writes.seen_statements(self.dialect, seen)
+        counts = await self._write(writes, statements)
         updates.saved(counts[: len(updates.writes)])
+        seen_counts = counts[len(writes) :]
+        if all(count >= 0 for count in seen_counts) and sum(seen_counts) != len(seen):
+            raise ConcurrentUpdate(
+                f"{len(seen) - sum(seen_counts)} status rows changed concurrently"
+            )
 
-    async def _write(self, writes: Sequence[_Writes]) -> list[int]:
-        """Run the writes in order; the rows each changed (-1 when the driver does not
-        tell)."""
+    async def _write(
+        self, writes: Sequence[_Writes], statements: Sequence[tuple[str, dict[str, Any]]] = ()
+    ) -> list[int]:
+        """Run the writes, then the statements, in order; the rows each changed (-1 when
+        the driver does not tell)."""
         if self.dialect != "sqlite":
-            return [await self._write_postgres(write) for write in writes]
+            counts = [await self._write_postgres(write) for write in writes]
+            for sql, parameters in statements:
+                result = await self.session.execute(text(sql), parameters)
+                counts.append(int(getattr(result, "rowcount", -1)))
+            return counts
         connection = await self.session.connection()
-        many: list[ManyRows] = []
+        many: list[Write] = []
         for write in writes:
             sql, to_parameters = write.statement.for_dialect(connection.dialect)
             many.append(ManyRows(sql, [to_parameters(row) for row in write.rows]))
+        many += [OneStatement(sql, parameters) for sql, parameters in statements]
         return cast(list[int], await sqlite_many_rows_at_once(connection, many))
 
     async def _write_postgres(self, write: _Writes) -> int:
@@ -507,6 +527,7 @@ class StatusReader:
                 status_devices.c.version,
                 status_devices.c.sequence,
                 status_devices.c.mqtt_connected,
+                status_devices.c.quality_recent,
                 status_device_types.c.offline_timeout_s.label("type_timeout_s"),
             )
             .select_from(_JOINED)

@@ -34,6 +34,7 @@ from fleetmesh.status.domain import (
     StatusCause,
     StatusChanged,
     StatusReport,
+    seen_again,
     timed_out,
 )
 from fleetmesh.status.health import format_duration
@@ -48,6 +49,7 @@ from fleetmesh.status.repository import (
     compile_window_statements,
     resolve_timeout,
 )
+from fleetmesh.status.set_writes import SeenRow
 
 log = get_logger(__name__)
 
@@ -70,12 +72,14 @@ class StatusVersionMismatch(PreconditionFailed):
 
 class Armed(NamedTuple):
     """An online device's offline deadline as stored, with what it was computed from: the
-    row's version and the transition sequence (no MQTT connection was open)."""
+    row's version and the transition sequence (no MQTT connection was open), and the
+    row's recent quality, so its telemetry can be written without reading the row."""
 
     deadline: datetime
     version: int
     sequence: int
     offline_timeout_s: float
+    quality_recent: float | None = None
 
 
 class Timers(Protocol):
@@ -95,6 +99,9 @@ class Timers(Protocol):
 
     def armed(self, device_id: str, deadline: datetime) -> Armed | None:
         """The device's armed state, if this is the deadline it was armed with."""
+
+    def armed_now(self, device_id: str) -> Armed | None:
+        """The device's armed state, whatever its deadline."""
 
 
 class StatusUnitOfWork(SqlUnitOfWork):
@@ -173,6 +180,16 @@ class DeviceInput:
             return None
         return self.reports[0].observed_at, self.reports[0].detail
 
+    def telemetry_only(self) -> tuple[datetime, datetime] | None:
+        """When the earliest and the latest telemetry report were observed, if telemetry
+        (with its quality) is all this window holds for the device."""
+        first, last = self.first_telemetry, self.last_telemetry
+        if first is None or last is None or self.reports or self.answers:
+            return None
+        if self.mqtt_connected is not None or self.timeout_at is not None:
+            return None
+        return first.observed_at, last.observed_at
+
     def ordered_reports(self) -> list[StatusReport]:
         reports = list(self.reports)
         if self.timeout_at is not None:
@@ -181,6 +198,30 @@ class DeviceInput:
             if telemetry is not None and telemetry not in reports:
                 reports.append(telemetry)
         return sorted(reports, key=lambda r: r.observed_at)
+
+
+def _quality_samples(device_id: str, item: DeviceInput) -> list[QualitySample]:
+    return [
+        QualitySample(device_id, bucket, int(points), total)
+        for bucket, (points, total) in item.quality.items()
+        if points > 0
+    ]
+
+
+def smoothed_quality(previous: float | None, samples: Iterable[QualitySample]) -> float | None:
+    """The recent quality after these samples: an exponential moving average of the
+    windows' mean quality, rounded to two places (unchanged without points)."""
+    points = total = 0.0
+    for sample in samples:
+        points += sample.points
+        total += sample.quality_sum
+    if not points:
+        return previous
+    mean = total / points
+    smoothed = (
+        mean if previous is None else (1 - QUALITY_SMOOTHING) * previous + QUALITY_SMOOTHING * mean
+    )
+    return round(min(1.0, max(0.0, smoothed)), 2)
 
 
 def _timeout_report(at: datetime) -> StatusReport:
@@ -203,6 +244,16 @@ class TimedOut:
 
     changes: list[StatusChanged] = field(default_factory=list)
     next_checks: dict[str, datetime] = field(default_factory=dict)
+
+
+@dataclass
+class SeenAgain:
+    """Online devices whose telemetry only moved `last_seen`: their rows, quality samples,
+    and how each is armed once written."""
+
+    rows: list[SeenRow] = field(default_factory=list)
+    samples: list[QualitySample] = field(default_factory=list)
+    armed: dict[str, Armed] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,26 +300,32 @@ class StatusService:
     ) -> FlushResult:
         """Apply one window of automatic reports in one transaction."""
         try:
-            return await self._apply_window(inputs, offset, short_timeouts=True)
+            return await self._apply_window(inputs, offset, short_ways=True)
         except ConcurrentUpdate:
-            # An armed timeout raced a write its timers did not see (another process, an
-            # operator's call committing meanwhile): the general way reads every device.
-            return await self._apply_window(inputs, offset, short_timeouts=False)
+            # An armed device's row changed in a write its timers did not see (another
+            # process, an operator's call committing meanwhile): the general way reads
+            # every device.
+            return await self._apply_window(inputs, offset, short_ways=False)
 
     async def _apply_window(
         self,
         inputs: dict[str, DeviceInput],
         offset: tuple[str, int] | None,
         *,
-        short_timeouts: bool,
+        short_ways: bool,
     ) -> FlushResult:
         default_timeout = self.options.offline_timeout_s()
         policy_delay = self._first_check_delay()
         async with self._uow() as uow:
-            silenced = TimedOut()
-            if short_timeouts:
+            silenced, seen = TimedOut(), SeenAgain()
+            if short_ways:
                 silenced = await self._time_out(uow, inputs, policy_delay)
-            rest = {d: item for d, item in inputs.items() if d not in silenced.next_checks}
+                seen = self._seen_again(inputs)
+            rest = {
+                d: item
+                for d, item in inputs.items()
+                if d not in silenced.next_checks and d not in seen.armed
+            }
             tracked = await uow.repo.load(rest, default_timeout_s=default_timeout)
             answers = [
                 (device_id, command_id, at)
@@ -300,11 +357,15 @@ class StatusService:
                 reports.sort(key=lambda r: r.observed_at)
                 changes += self._apply(device, reports, policy_delay)
                 samples += self._record_quality(device, item)
-            await uow.repo.save_window(list(tracked.values()), changes, samples, offset)
+            await uow.repo.save_window(
+                list(tracked.values()), changes, samples + seen.samples, offset, seen.rows
+            )
             _emit(uow, changes)
             await uow.commit()
         for device_id, next_check in silenced.next_checks.items():
             self.timers.set_deadlines(device_id, None, next_check)
+        for device_id, armed in seen.armed.items():
+            self.timers.set_deadlines(device_id, armed.deadline, None, armed)
         for device in tracked.values():
             self.timers.track(device)
         return FlushResult(
@@ -341,6 +402,31 @@ class StatusService:
             await writing
         return done
 
+    def _seen_again(self, inputs: dict[str, DeviceInput]) -> SeenAgain:
+        """Telemetry of online devices, without reading them: a running fleet sends
+        thousands of reports a second, and most only move `last_seen` (`seen_again`).
+        Telemetry alone (with its quality) of a device armed after its last write, later
+        than the sign of life its deadline counts from, is written under the version it
+        was armed at; any other goes the general way."""
+        seen = SeenAgain()
+        for device_id, item in inputs.items():
+            reported = item.telemetry_only()
+            armed = None if reported is None else self.timers.armed_now(device_id)
+            if reported is None or armed is None:
+                continue
+            deadline = seen_again(armed.deadline, armed.offline_timeout_s, *reported)
+            if deadline is None:
+                continue
+            samples = _quality_samples(device_id, item)
+            quality = smoothed_quality(armed.quality_recent, samples)
+            moved = None if quality == armed.quality_recent else quality
+            seen.rows.append(SeenRow(device_id, reported[1], armed.version, moved))
+            seen.samples += samples
+            seen.armed[device_id] = armed._replace(
+                deadline=deadline, version=armed.version + 1, quality_recent=quality
+            )
+        return seen
+
     def _apply(
         self, device: TrackedDevice, reports: Iterable[StatusReport], first_check: timedelta
     ) -> list[StatusChanged]:
@@ -375,24 +461,11 @@ class StatusService:
 
     @staticmethod
     def _record_quality(device: TrackedDevice, item: DeviceInput) -> list[QualitySample]:
-        samples = [
-            QualitySample(device.device_id, bucket, int(points), total)
-            for bucket, (points, total) in item.quality.items()
-            if points > 0
-        ]
-        points = sum(s.points for s in samples)
-        if points:
-            mean = sum(s.quality_sum for s in samples) / points
-            previous = device.quality_recent
-            smoothed = (
-                mean
-                if previous is None
-                else (1 - QUALITY_SMOOTHING) * previous + QUALITY_SMOOTHING * mean
-            )
-            rounded = round(min(1.0, max(0.0, smoothed)), 2)
-            if rounded != previous:
-                device.quality_recent = rounded
-                device.extra_changed = True
+        samples = _quality_samples(device.device_id, item)
+        smoothed = smoothed_quality(device.quality_recent, samples)
+        if smoothed != device.quality_recent:
+            device.quality_recent = smoothed
+            device.extra_changed = True
         return samples
 
     def _first_check_delay(self) -> timedelta:
@@ -579,7 +652,7 @@ class StatusService:
                 latest = row.since if row.last_seen is None else max(row.since, row.last_seen)
                 deadline = latest + timedelta(seconds=timeout)
                 if not row.mqtt_connected:
-                    armed = Armed(deadline, row.version, row.sequence, timeout)
+                    armed = Armed(deadline, row.version, row.sequence, timeout, row.quality_recent)
             else:
                 next_check = row.next_check_at
             self.timers.set_deadlines(row.device_id, deadline, next_check, armed)

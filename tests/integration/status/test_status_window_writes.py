@@ -222,26 +222,32 @@ async def test_timers_rebuilt_from_the_store_arm_the_short_way(platform: Platfor
     assert service.timers.armed("rebuilt", due) == armed
 
 
-async def test_a_timeout_written_set_based_stores_what_the_general_way_stores(
-    platform: Platform,
-) -> None:
+async def _online_twins(
+    platform: Platform, type_name: str, devices: list[str]
+) -> tuple[StatusService, datetime]:
+    """Devices of a type registered and seen once (at an odd microsecond), and when."""
     service = platform.provided("status_service")
     assert isinstance(service, StatusService)
-    devices = ["short-way", "general-way"]
     now = service.clock.now()
-    await service.project([contracts.TypeDefined("twin-type", TIMEOUT_S)])
-    await service.project([contracts.Registered(d, to_rfc3339(now), "twin-type") for d in devices])
+    await service.project([contracts.TypeDefined(type_name, TIMEOUT_S)])
+    await service.project([contracts.Registered(d, to_rfc3339(now), type_name) for d in devices])
     seen = now + timedelta(seconds=1, microseconds=123_457)
     await service.apply_inputs(
         {d: _input(StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, seen)) for d in devices}
     )
+    return service, seen
+
+
+async def test_a_timeout_written_set_based_stores_what_the_general_way_stores(
+    platform: Platform,
+) -> None:
+    devices = ["short-way", "general-way"]
+    service, seen = await _online_twins(platform, "twin-type", devices)
     due = seen + timedelta(seconds=TIMEOUT_S)
     timeout = StatusReport(DeviceState.OFFLINE, StatusCause.TIMEOUT, due)
 
-    short = await service._apply_window({"short-way": _input(timeout)}, None, short_timeouts=True)
-    general = await service._apply_window(
-        {"general-way": _input(timeout)}, None, short_timeouts=False
-    )
+    short = await service._apply_window({"short-way": _input(timeout)}, None, short_ways=True)
+    general = await service._apply_window({"general-way": _input(timeout)}, None, short_ways=False)
 
     assert short.changes == general.changes == 1
     async with platform.database.session() as session:
@@ -307,3 +313,84 @@ async def test_timeouts_of_different_lengths_in_one_window_keep_their_own_detail
         "hourly": ("offline", seen + timedelta(hours=1), "no sign of life for 1h"),
         "minutely": ("offline", seen + timedelta(minutes=1), "no sign of life for 1m"),
     }
+
+
+async def test_telemetry_written_set_based_stores_what_the_general_way_stores(
+    platform: Platform,
+) -> None:
+    devices = ["short-seen", "general-seen"]
+    service, first = await _online_twins(platform, "seen-type", devices)
+    later = first + timedelta(seconds=30, microseconds=5)
+
+    def again() -> DeviceInput:
+        item = DeviceInput()
+        for moment in (later - timedelta(seconds=2), later):
+            item.add(StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, moment))
+            item.add_quality(moment, 4, 0.25)
+        return item
+
+    armed_before = service.timers.armed_now("short-seen")  # type: ignore[attr-defined]
+    short = await service._apply_window({"short-seen": again()}, None, short_ways=True)
+    general = await service._apply_window({"general-seen": again()}, None, short_ways=False)
+
+    assert short.changes == general.changes == 0
+    async with platform.database.session() as session:
+        rows = {
+            row.device_id: row._asdict()
+            for row in await session.execute(
+                select(status_devices).where(status_devices.c.device_id.in_(devices))
+            )
+        }
+        quality = await StatusReader(session).quality(devices, first - timedelta(hours=2))
+    short_row, general_row = (rows[d] | {"device_id": None, "version": None} for d in devices)
+    assert short_row == general_row
+    assert short_row["last_seen"] == later and short_row["quality_recent"] == 0.45
+    assert rows["short-seen"]["version"] == armed_before.version + 1
+    assert quality["short-seen"] == quality["general-seen"]
+    deadline = later + timedelta(seconds=TIMEOUT_S)
+    armed = service.timers.armed("short-seen", deadline)
+    assert armed == armed_before._replace(
+        deadline=deadline, version=armed_before.version + 1, quality_recent=0.45
+    )
+    assert service.timers.offline.get("short-seen") == deadline  # type: ignore[attr-defined]
+
+
+async def test_telemetry_raced_by_a_write_it_did_not_see_goes_the_general_way(
+    platform: Platform,
+) -> None:
+    service, due = await _armed_online(platform, "raced-seen")
+    armed = service.timers.armed_now("raced-seen")  # type: ignore[attr-defined]
+    assert armed is not None and armed.deadline == due
+    async with platform.database.session() as session:  # an operator's call elsewhere
+        await session.execute(
+            update(status_devices)
+            .where(status_devices.c.device_id == "raced-seen")
+            .values(status=DeviceState.MAINTENANCE.value, version=status_devices.c.version + 1)
+        )
+        await session.commit()
+    later = due - timedelta(seconds=10)
+    telemetry = StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, later)
+
+    result = await service.apply_inputs({"raced-seen": _input(telemetry)})
+
+    stored = (await _stored(platform, ["raced-seen"]))["raced-seen"]
+    assert result.changes == 0 and result.failed == frozenset()
+    assert stored.status.status is DeviceState.MAINTENANCE and stored.status.last_seen == later
+    assert stored.status.version == armed.version + 2  # the operator's write, then this one
+    assert service.timers.armed_now("raced-seen") is None  # type: ignore[attr-defined]
+
+
+async def test_telemetry_older_than_the_last_sign_of_life_goes_the_general_way(
+    platform: Platform,
+) -> None:
+    service, due = await _armed_online(platform, "late-seen")
+    armed = service.timers.armed_now("late-seen")  # type: ignore[attr-defined]
+    assert armed is not None
+    seen_at = due - timedelta(seconds=service.options.offline_timeout_s())
+    late = StatusReport(DeviceState.ONLINE, StatusCause.TELEMETRY, seen_at - timedelta(seconds=1))
+
+    await service.apply_inputs({"late-seen": _input(late)})
+
+    stored = (await _stored(platform, ["late-seen"]))["late-seen"]
+    assert stored.status.last_seen == seen_at  # never moved back
+    assert service.timers.armed("late-seen", due) is not None

@@ -17,6 +17,7 @@ from fleetmesh.status.domain import (
     StatusCause,
     StatusChanged,
     StatusReport,
+    seen_again,
     timed_out,
 )
 
@@ -369,13 +370,18 @@ def test_any_report_sequence_keeps_the_invariants(stream: list[StatusReport]) ->
         assert device.since == device.events[-1].at
 
 
-@settings(max_examples=300, deadline=None)
-@given(reports)
-def test_a_due_timeout_does_what_timed_out_says(stream: list[StatusReport]) -> None:
+def after(stream: list[StatusReport]) -> tuple[DeviceStatus, datetime | None]:
+    """A device (timeout 30 s) that took these reports, and its deadline."""
     device = new_device(timeout_s=30)
     for r in stream:
         device.apply(r)
-    deadline = device.deadline()
+    return device, device.deadline()
+
+
+@settings(max_examples=300, deadline=None)
+@given(reports)
+def test_a_due_timeout_does_what_timed_out_says(stream: list[StatusReport]) -> None:
+    device, deadline = after(stream)
     if deadline is None:
         return
     before = (device.sequence, device.version)
@@ -385,3 +391,28 @@ def test_a_due_timeout_does_what_timed_out_says(stream: list[StatusReport]) -> N
     assert change == timed_out(device.device_id, before[0], deadline, "x")
     assert (device.status, device.since, device.last_update) == (OFFLINE, deadline, deadline)
     assert (device.sequence, device.version) == (before[0] + 1, before[1] + 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(reports, st.integers(min_value=-40, max_value=60), st.integers(min_value=0, max_value=30))
+def test_late_enough_telemetry_does_what_seen_again_says(
+    stream: list[StatusReport], first_after: int, spread: int
+) -> None:
+    device, deadline = after(stream)
+    if deadline is None:
+        return
+    first = deadline - timedelta(seconds=30) + timedelta(seconds=first_after)
+    last = first + timedelta(seconds=spread)
+    before = (device.status, device.since, device.sequence, device.last_update, device.version)
+
+    moved = seen_again(deadline, 30.0, first, last)
+    changes = [device.apply(StatusReport(ONLINE, Cause.TELEMETRY, at)) for at in (first, last)]
+
+    if moved is None:
+        assert first_after <= 0
+        return
+    assert changes == [None, None]
+    assert (device.status, device.since, device.sequence) == before[:3]
+    assert device.last_seen == last and device.last_update == max(before[3], last)
+    assert device.deadline() == moved
+    assert device.version > before[4]

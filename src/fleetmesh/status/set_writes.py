@@ -1,14 +1,15 @@
-"""Inactivity timeouts written set-based: a window's transitions as one JSON array that
-the database expands into the status rows' update and the history rows' insert.
+"""Status rows written set-based: a window's rows as one JSON array that the database
+expands into its update (and, for timeouts, the history rows' insert).
 
-When a whole fleet falls silent, thousands of timeouts a second come due. Built one
-by one (a dict per row, its times converted, then a parameter tuple), the rows cost
-more Python than the rest of the transition; as one JSON document they are encoded
-in C, and SQLite or PostgreSQL takes them apart in C too, off the event loop. The
-transitions themselves are still decided by the domain (`domain.timed_out`); the SQL
-only maps their fields onto columns (on PostgreSQL as `jsonb`, parsed once rather
-at every field). What transitions share (the states, the cause,
-the detail) is bound once per statement, so the database reads five fields a row.
+When a whole fleet falls silent, thousands of timeouts a second come due; while it
+reports, thousands of telemetry reports a second only move `last_seen`. Built one by
+one (a dict per row, its times converted, then a parameter tuple), the rows cost more
+Python than the rest of the window; as one JSON document they are encoded in C, and
+SQLite or PostgreSQL takes them apart in C too, off the event loop. What is written is
+still decided by the domain (`domain.timed_out`, `domain.seen_again`); the SQL only
+maps their fields onto columns (on PostgreSQL as `jsonb`, parsed once rather at every
+field). What transitions share (the states, the cause, the detail) is bound once per
+statement, so the database reads five fields a row.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from fleetmesh.core.bulk import sqlite_time
 from fleetmesh.status.domain import StatusChanged
 
-# Places in each row of the JSON array.
+# Places in each row of the JSON arrays: timeouts, then telemetry seen.
 _DEVICE, _SEQUENCE, _AT, _NEXT_CHECK, _VERSION = range(5)
+_SEEN_DEVICE, _SEEN_AT, _SEEN_VERSION, _SEEN_QUALITY = range(4)
 
 _encode = msgspec.json.Encoder().encode
 
@@ -57,6 +59,10 @@ def _pg_time(place: int) -> str:
 
 def _pg_int(place: int) -> str:
     return f"CAST(j.e ->> {place} AS integer)"
+
+
+def _pg_float(place: int) -> str:
+    return f"CAST(j.e ->> {place} AS double precision)"
 
 
 _SQLITE_UPDATE = f"""
@@ -95,6 +101,41 @@ SELECT {_pg_text(_DEVICE)}, {_pg_int(_SEQUENCE)}, {_pg_time(_AT)},
     :previous, :current, :cause, :detail
 FROM {_PG_ROWS}
 """
+
+_SEEN_QUALITY_SET = "quality_recent = {quality},"
+
+_SQLITE_SEEN = f"""
+UPDATE status_devices SET
+    last_seen = {_sqlite(_SEEN_AT)},
+    last_update = max(status_devices.last_update, {_sqlite(_SEEN_AT)}),
+    {{quality}}
+    version = status_devices.version + 1
+FROM json_each(:rows) AS j
+WHERE status_devices.device_id = {_sqlite(_SEEN_DEVICE)}
+    AND status_devices.version = {_sqlite(_SEEN_VERSION)}
+"""
+
+_PG_SEEN = f"""
+UPDATE status_devices AS d SET
+    last_seen = {_pg_time(_SEEN_AT)},
+    last_update = GREATEST(d.last_update, {_pg_time(_SEEN_AT)}),
+    {{quality}}
+    version = d.version + 1
+FROM {_PG_ROWS}
+WHERE d.device_id = {_pg_text(_SEEN_DEVICE)} AND d.version = {_pg_int(_SEEN_VERSION)}
+"""
+
+_SEEN_STATEMENTS = {
+    # (rows whose recent quality stays, rows whose recent quality moves)
+    "sqlite": (
+        _SQLITE_SEEN.format(quality=""),
+        _SQLITE_SEEN.format(quality=_SEEN_QUALITY_SET.format(quality=_sqlite(_SEEN_QUALITY))),
+    ),
+    "postgresql": (
+        _PG_SEEN.format(quality=""),
+        _PG_SEEN.format(quality=_SEEN_QUALITY_SET.format(quality=_pg_float(_SEEN_QUALITY))),
+    ),
+}
 
 _STATEMENTS = {
     "sqlite": (text(_SQLITE_UPDATE), text(_SQLITE_HISTORY)),
@@ -141,3 +182,33 @@ async def insert_history(session: AsyncSession, dialect: str, groups: TimedOutRo
     """The history rows of the transitions of `encoded_rows`."""
     for shared, rows in groups:
         await session.execute(_STATEMENTS[dialect][1], {"rows": rows, **shared._asdict()})
+
+
+class SeenRow(NamedTuple):
+    """Telemetry of an online device that only moves its `last_seen` (`domain.seen_again`),
+    written if its row is still at `version`; `quality_recent` is the row's new recent
+    quality when it moves, else None."""
+
+    device_id: str
+    seen_at: datetime
+    version: int
+    quality_recent: float | None
+
+
+def seen_statements(dialect: str, rows: Sequence[SeenRow]) -> list[tuple[str, dict[str, str]]]:
+    """The updates of these rows: (SQL, parameters), one for the rows whose recent quality
+    stays (the quality index is left alone) and one for the others; none when empty."""
+    groups: tuple[list[list[object]], list[list[object]]] = ([], [])
+    for row in rows:
+        encoded: list[object] = [
+            row.device_id,
+            sqlite_time(row.seen_at),
+            row.version,
+            row.quality_recent,
+        ]
+        groups[row.quality_recent is not None].append(encoded)
+    return [
+        (sql, {"rows": _encode(group).decode()})
+        for sql, group in zip(_SEEN_STATEMENTS[dialect], groups, strict=True)
+        if group
+    ]
