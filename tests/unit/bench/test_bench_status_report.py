@@ -107,6 +107,7 @@ def test_results_set_delays_against_the_tolerance_and_updates_against_storage() 
     fleet = status.Fleet(
         size=10_000,
         updates_per_s=5_000.0,
+        repeat_updates_per_s=25_000.0,
         stored_latencies=[i / 100 for i in range(1, 101)],
         timeout_s=12.0,
         rearm_s=0.25,
@@ -131,6 +132,8 @@ def test_results_set_delays_against_the_tolerance_and_updates_against_storage() 
     updates = results["status updates/s processed (report in -> stored), 10,000 devices"]
     assert updates.limit_name == "SQLite executemany rows/s (indexed)"
     assert updates.ratio == pytest.approx(0.01)
+    again = "status updates/s processed, devices already online (report moves last_seen)"
+    assert results[f"{again}, 10,000 devices"].ratio == pytest.approx(0.05)
     assert results["report -> stored latency p99, 10,000 devices"].value == pytest.approx(990.0)
     assert results["offline timeout used, 10,000 devices"].value == 12.0
     assert results["deadlines re-armed from the store, 10,000 devices"].value == 250.0
