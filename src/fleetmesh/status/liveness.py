@@ -54,9 +54,11 @@ from fleetmesh.status.service import (
 log = get_logger(__name__)
 
 WINDOW_S = 0.1
-MAX_WINDOW_DEVICES = 2_000
+MAX_WINDOW_DEVICES = 4_000
 """At most this many devices per transaction: when many deadlines are due at once, the
-first ones commit early instead of waiting for one huge transaction."""
+first ones commit early instead of waiting for one huge transaction. With 2,000, the
+100,000-device burst's offline delay was 880-940 ms at most (p50 490-520 ms) in four
+bench runs; with 4,000, 700-810 ms (p50 370-400 ms): fewer commits for the same rows."""
 MAX_IDLE_SLEEP_S = 5.0
 WHOLE_WINDOW_ATTEMPTS = 4
 DUE_BATCH = 2_000
