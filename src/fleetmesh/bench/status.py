@@ -407,9 +407,10 @@ async def _measure_fleet(work_dir: Path, size: int, options: BenchOptions) -> Fl
             platform, service, batcher, device_type, devices, options
         )
         online = await _online(platform, device_type)
-        _, fleet.repeat_updates_per_s, _ = await _feed(
-            platform, batcher, online, options, "reporting again"
-        )
+        if online:
+            _, fleet.repeat_updates_per_s, _ = await _feed(
+                platform, batcher, online, options, "reporting again"
+            )
     finally:
         gc.unfreeze()
         with options.step(f"{size:,} devices: stopping"):
