@@ -225,12 +225,13 @@ async def stored_progress(api: httpx.AsyncClient) -> tuple[float, float]:
 
 
 async def wait_stored(api: httpx.AsyncClient, target: float, *, stall_s: float) -> float:
-    """`time.perf_counter()` of the writer's commit that reached `target` points, or of
-    when the counter last moved.
+    """`time.perf_counter()` of the writer's last commit once the counter reached `target`
+    points, or of when the counter last moved.
 
     The counter is looked at now and then (rendering `/metrics` costs the platform CPU);
     the moment is read from the time of the writer's last commit, so it does not depend
-    on when the counter was looked at. Gives up when the counter has not moved for
+    on when the counter was looked at (a commit after the one that reached `target` can
+    only make it later, never earlier). Gives up when the counter has not moved for
     `stall_s`: what is missing then shows as lost rather than as a bench that never ends.
     """
     last_value, last_change = -1.0, time.perf_counter()
