@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleetmesh.bootstrap import Platform
 from fleetmesh.core.clock import to_rfc3339
@@ -222,6 +224,14 @@ async def test_timers_rebuilt_from_the_store_arm_the_short_way(platform: Platfor
     assert service.timers.armed("rebuilt", due) == armed
 
 
+async def _rows(session: AsyncSession, devices: list[str]) -> dict[str, dict[str, Any]]:
+    """The stored status rows of these devices, by id."""
+    found = await session.execute(
+        select(status_devices).where(status_devices.c.device_id.in_(devices))
+    )
+    return {row.device_id: row._asdict() for row in found}
+
+
 async def _online_twins(
     platform: Platform, type_name: str, devices: list[str]
 ) -> tuple[StatusService, datetime]:
@@ -251,12 +261,7 @@ async def test_a_timeout_written_set_based_stores_what_the_general_way_stores(
 
     assert short.changes == general.changes == 1
     async with platform.database.session() as session:
-        rows = {
-            row.device_id: row._asdict()
-            for row in await session.execute(
-                select(status_devices).where(status_devices.c.device_id.in_(devices))
-            )
-        }
+        rows = await _rows(session, devices)
         reader = StatusReader(session)
         histories = [
             await reader.history(d, start=None, end=None, after_sequence=0, limit=10)
@@ -335,12 +340,7 @@ async def test_telemetry_written_set_based_stores_what_the_general_way_stores(
 
     assert short.changes == general.changes == 0
     async with platform.database.session() as session:
-        rows = {
-            row.device_id: row._asdict()
-            for row in await session.execute(
-                select(status_devices).where(status_devices.c.device_id.in_(devices))
-            )
-        }
+        rows = await _rows(session, devices)
         quality = await StatusReader(session).quality(devices, first - timedelta(hours=2))
     short_row, general_row = (rows[d] | {"device_id": None, "version": None} for d in devices)
     assert short_row == general_row
