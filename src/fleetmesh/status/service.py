@@ -79,7 +79,7 @@ class Armed(NamedTuple):
     version: int
     sequence: int
     offline_timeout_s: float
-    quality_recent: float | None = None
+    quality_recent: float | None
 
 
 class Timers(Protocol):

@@ -229,7 +229,7 @@ async def test_a_timeout_that_could_not_be_written_is_rearmed() -> None:
 
 def test_armed_timeouts_are_kept_where_the_collector_stops_tracking_them() -> None:
     timers = Timers()
-    armed = Armed(at(60), version=3, sequence=2, offline_timeout_s=60.0)
+    armed = Armed(at(60), version=3, sequence=2, offline_timeout_s=60.0, quality_recent=None)
     timers.set_deadlines("a", at(60), None, armed)
     gc.collect()
 
