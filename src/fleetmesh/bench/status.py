@@ -266,20 +266,20 @@ def fill(report: BenchReport, fleet: Fleet, storage: Storage) -> None:
                 percentile(published, share) * 1000,
                 "ms",
             )
-    report.add(
-        f"status updates/s processed (report in -> stored), {label}",
-        fleet.updates_per_s,
-        "updates/s",
-        limit_name=storage.name,
-        limit_value=storage.rows_per_s,
-    )
-    report.add(
-        f"status updates/s processed, devices already online (report moves last_seen), {label}",
-        fleet.repeat_updates_per_s,
-        "updates/s",
-        limit_name=storage.name,
-        limit_value=storage.rows_per_s,
-    )
+    for name, updates_per_s in (
+        ("status updates/s processed (report in -> stored)", fleet.updates_per_s),
+        (
+            "status updates/s processed, devices already online (report moves last_seen)",
+            fleet.repeat_updates_per_s,
+        ),
+    ):
+        report.add(
+            f"{name}, {label}",
+            updates_per_s,
+            "updates/s",
+            limit_name=storage.name,
+            limit_value=storage.rows_per_s,
+        )
     latencies = sorted(fleet.stored_latencies)
     report.add(f"report -> stored latency p50, {label}", percentile(latencies, 0.50) * 1000, "ms")
     report.add(f"report -> stored latency p99, {label}", percentile(latencies, 0.99) * 1000, "ms")
