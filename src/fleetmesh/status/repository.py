@@ -308,8 +308,7 @@ class SqlStatusRepository:
             return
         rows = set_writes.encoded_rows(devices)
         written = await set_writes.update_status_rows(self.session, self.dialect, rows)
-        if 0 <= written != len(devices):
-            raise ConcurrentUpdate(f"{len(devices) - written} status rows changed concurrently")
+        _require_all_written(len(devices), written)
         await set_writes.insert_history(self.session, self.dialect, rows)
 
     async def insert_many(self, new_devices: Sequence[TrackedDevice]) -> None:
@@ -377,10 +376,7 @@ class SqlStatusRepository:
         counts = await self._write(writes, statements)
         updates.saved(counts[: len(updates.writes)])
         seen_counts = counts[len(writes) :]
-        if all(count >= 0 for count in seen_counts) and sum(seen_counts) != len(seen):
-            raise ConcurrentUpdate(
-                f"{len(seen) - sum(seen_counts)} status rows changed concurrently"
-            )
+        _require_all_written(len(seen), -1 if min(seen_counts, default=0) < 0 else sum(seen_counts))
 
     async def _write(
         self, writes: Sequence[_Writes], statements: Sequence[tuple[str, dict[str, Any]]] = ()
@@ -880,6 +876,13 @@ def _changed_columns(row: dict[str, Any], stored: dict[str, Any] | None) -> tupl
     if stored is None:
         return _UPDATABLE_COLUMNS
     return tuple([name for name in _UPDATABLE_COLUMNS if row[name] != stored[name]])
+
+
+def _require_all_written(expected: int, written: int) -> None:
+    """`ConcurrentUpdate` unless a versioned update changed every row it was given (a row
+    not at its version is left alone); `written` -1 when the driver does not tell."""
+    if 0 <= written != expected:
+        raise ConcurrentUpdate(f"{expected - written} status rows changed concurrently")
 
 
 def _chunks(items: Sequence[str], size: int = _CHUNK) -> list[Sequence[str]]:
