@@ -85,6 +85,7 @@ async def test_the_same_key_of_another_device_is_another_batch(client: httpx.Asy
     first = await _send(client, one, body, key)
     second = await _send(client, two, body, key)
 
+    assert (first.status_code, second.status_code) == (202, 202), (first.text, second.text)
     assert first.json()["message_id"] != second.json()["message_id"]
     assert len(await _stored(client, "key-4")) == 3
 
