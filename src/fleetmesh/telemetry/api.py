@@ -38,7 +38,7 @@ from fleetmesh.core.http import (
     require_role,
 )
 from fleetmesh.telemetry.contracts import ms_to_rfc3339
-from fleetmesh.telemetry.domain import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS
+from fleetmesh.telemetry.domain import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS, QualityReason
 from fleetmesh.telemetry.ingest import (
     Ingestor,
     IngestReport,
@@ -73,15 +73,15 @@ Reader = Annotated[Operator | DevicePrincipal, Depends(require_device_or_role(Ro
 # --------------------------------------------------------------------------- POST telemetry
 
 
-class AcceptedItem(msgspec.Struct):
+class AcceptedItem(msgspec.Struct, gc=False):
     index: int
     id: str
     quality: float
-    quality_reasons: list[str]
+    quality_reasons: tuple[QualityReason, ...]
     status: str = "accepted"
 
 
-class RejectedItem(msgspec.Struct):
+class RejectedItem(msgspec.Struct, gc=False):
     index: int
     field: str
     reason: str
@@ -93,12 +93,7 @@ def render_report(report: IngestReport) -> tuple[int, dict[str, Any]]:
     """The status code and body of an ingest answer."""
     prefix = f"{report.message_id}:"
     items: list[AcceptedItem | RejectedItem] = [
-        AcceptedItem(
-            a.index,
-            f"{prefix}{a.index}",
-            a.quality,
-            [str(r) for r in a.quality_reasons] if a.quality_reasons else [],
-        )
+        AcceptedItem(a.index, f"{prefix}{a.index}", a.quality, a.quality_reasons)
         for a in report.accepted
     ]
     if report.rejected:

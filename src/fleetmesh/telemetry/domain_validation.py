@@ -63,6 +63,7 @@ RANGE_MARGIN_MAX_PENALTY: Final = 0.5
 CLOCK_SKEW_MAX_PENALTY: Final = 0.3
 LATE_ARRIVAL_FACTOR: Final = 0.9
 UNKNOWN_METRIC_FACTOR: Final = 0.8
+_LATE: Final = QualityReason.LATE_ARRIVAL
 
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
@@ -116,6 +117,7 @@ class _MetricRule:
 
     spec: MetricSpec
     normalise: _Normaliser
+    unit: str | None
     has_bounds: bool
     lower_margin: float
     upper_margin: float
@@ -136,6 +138,7 @@ class _MetricRule:
         return cls(
             spec,
             _NORMALISERS[spec.type],
+            spec.unit,
             has_bounds,
             lower_margin,
             upper_margin,
@@ -271,22 +274,27 @@ class _Checker:
         value = rule.normalise(point.value, self.policy)
         if isinstance(value, _Fault):
             return _reject(point, value)
-        unit = rule.spec.unit
+        unit = rule.unit
         if point.unit is not None and unit is not None and point.unit != unit:
             return _reject(point, _unit_mismatch(point.unit, unit))
         quality, reasons = point.quality, point.quality_reasons
-        # Bounds exist only on numeric metrics, whose normalised values are numbers.
-        if rule.has_bounds and not rule.low <= cast(float, value) <= rule.high:
+        # Bounds exist only on numeric metrics, whose normalised values are numbers (not
+        # `cast` here: a function call per point).
+        if rule.has_bounds and not rule.low <= value <= rule.high:  # type: ignore[operator]
             factor = rule.range_penalty(cast(float, value))
             if isinstance(factor, _Fault):
                 return _reject(point, factor)
             quality, reasons = quality * factor, (*reasons, QualityReason.RANGE_MARGIN)
         ts_ms = point.ts_ms
         if not point.derived and not self.late_limit <= ts_ms <= self.skew_grace_limit:
-            scored = self._score_timestamp(ts_ms, quality, reasons)
-            if isinstance(scored, _Fault):
-                return _reject(point, scored)
-            quality, reasons = scored
+            # A late point, every point of a backfill, is scored here without a call.
+            if self.past_limit <= ts_ms < self.late_limit:
+                quality, reasons = quality * LATE_ARRIVAL_FACTOR, (*reasons, _LATE)
+            else:
+                scored = self._score_timestamp(ts_ms, quality, reasons)
+                if isinstance(scored, _Fault):
+                    return _reject(point, scored)
+                quality, reasons = scored
         return Accepted(
             point.index,
             point.metric,
