@@ -33,6 +33,7 @@ from fleetmesh.telemetry.tables import (
     ROLLUP_BUCKET_MS,
     SQLITE_CLEAR_STAGED,
     SQLITE_INSERT_STAGED_POINTS,
+    SQLITE_STAGE_NUMBERS,
     SQLITE_STAGE_POINTS,
     SQLITE_STAGING_TABLE,
     chunks,
@@ -276,20 +277,21 @@ class PointStore:
     def dialect(self) -> str:
         return dialect_of(self.session)
 
-    async def stage(self, messages: Sequence[IngestMessage]) -> None:
+    async def stage(
+        self, numbers_only: Sequence[IngestMessage], other: Sequence[IngestMessage]
+    ) -> None:
         """What can be done before the writer lock: on SQLite, the points go into the
         connection's temporary table (see ``tables.SQLITE_STAGE_POINTS``), which
-        ``claim_and_write`` copies; PostgreSQL needs no lock."""
+        ``claim_and_write`` copies; ``numbers_only`` are the messages whose values are all
+        numbers (``tables.SQLITE_STAGE_NUMBERS``). PostgreSQL needs no lock."""
         if self.dialect != "sqlite":
             return
+        statements = [OneStatement(SQLITE_STAGING_TABLE, ())]
+        for sql, messages in ((SQLITE_STAGE_NUMBERS, numbers_only), (SQLITE_STAGE_POINTS, other)):
+            if messages:
+                statements.append(OneStatement(sql, {"messages": _points_json(messages)}))
         connection = await self.session.connection()
-        await sqlite_many_rows_at_once(
-            connection,
-            [
-                OneStatement(SQLITE_STAGING_TABLE, ()),
-                OneStatement(SQLITE_STAGE_POINTS, {"messages": _points_json(messages)}),
-            ],
-        )
+        await sqlite_many_rows_at_once(connection, statements)
 
     async def claim_and_write(
         self,

@@ -203,7 +203,7 @@ async def store_batches(
         return StoreResult([], [], 0)
     plan = _StorePlan.of(list(unique.values()))
     async with uow.lock_writes_later():
-        await uow.points.stage(plan.messages)
+        await uow.points.stage(plan.numbers_only, plan.other)
         await uow.lock_writes()
         while True:
             claimed = await uow.points.claim_and_write(
@@ -213,7 +213,7 @@ async def store_batches(
                 break
             await uow.rollback()  # some were stored before: store the others alone
             plan = _StorePlan.of([m for m in plan.messages if m.id in claimed])
-            await uow.points.stage(plan.messages)
+            await uow.points.stage(plan.numbers_only, plan.other)
         for event in plan.events:
             uow.emit(event)
         await uow.commit()
@@ -227,19 +227,24 @@ async def store_batches(
 @dataclass(frozen=True, slots=True)
 class _StorePlan:
     """What storing these messages writes besides their points, from one pass over them:
-    the batch records, the latest values and one ``collected`` event per device."""
+    the batch records, the latest values and one ``collected`` event per device; and
+    which messages hold numbers only (SQLite stages those with less work)."""
 
     messages: list[IngestMessage]
     points: int
     batches: list[BatchSpan]
     latest_rows: list[LatestRow]
     events: list[CloudEvent]
+    numbers_only: list[IngestMessage]
+    other: list[IngestMessage]
 
     @classmethod
     def of(cls, messages: list[IngestMessage]) -> _StorePlan:
         latest: dict[tuple[str, str], tuple[IngestMessage, WirePoint]] = {}
         devices: dict[str, _DeviceTotals] = {}
         batches: list[BatchSpan] = []
+        numbers_only: list[IngestMessage] = []
+        other: list[IngestMessage] = []
         for message in messages:
             device_id = message.device_id
             totals = devices.get(device_id)
@@ -247,6 +252,7 @@ class _StorePlan:
                 totals = devices[device_id] = _DeviceTotals(message)
             first = last = message.points[0].ts_ms
             quality = totals.quality
+            numbers = True
             for point in message.points:
                 ts = point.ts_ms
                 if ts < first:
@@ -254,12 +260,15 @@ class _StorePlan:
                 elif ts > last:
                     last = ts
                 quality += point.quality
+                if numbers and type(point.value) not in _NUMBER_TYPES:
+                    numbers = False
                 key = (device_id, point.metric)
                 current = latest.get(key)
                 if current is None or ts >= current[1].ts_ms:
                     latest[key] = (message, point)
             totals.add(message, first, last, quality)
             batches.append(BatchSpan(message.id, device_id, len(message.points), first, last))
+            (numbers_only if numbers else other).append(message)
         for device_id, metric in latest:
             devices[device_id].metrics.append(metric)
         # In key order: two PostgreSQL writers upserting the same keys lock them in one
@@ -270,7 +279,11 @@ class _StorePlan:
         ]
         events = [totals.collected() for totals in devices.values()]
         points = sum(batch.points for batch in batches)
-        return cls(messages, points, batches, latest_rows, events)
+        return cls(messages, points, batches, latest_rows, events, numbers_only, other)
+
+
+_NUMBER_TYPES: Final = frozenset((int, float))
+"""Exact types: a bool is an int to ``isinstance``, but not a number to store."""
 
 
 class _DeviceTotals:

@@ -136,7 +136,16 @@ SQLITE_INSERT_POINTS: Final = (
 SQLITE_STAGING_TABLE: Final = (
     f"CREATE TEMP TABLE IF NOT EXISTS telemetry_staged ({', '.join(POINT_COLUMNS)})"
 )
-SQLITE_STAGE_POINTS: Final = f"""
+_ANY_VALUE_COLUMNS: Final = """
+    CASE WHEN json_type(p.value, '$[2]') IN ('integer', 'real')
+        THEN json_extract(p.value, '$[2]') END,
+    CASE WHEN json_type(p.value, '$[2]') = 'text' THEN json_extract(p.value, '$[2]') END,
+    CASE json_type(p.value, '$[2]') WHEN 'true' THEN 1 WHEN 'false' THEN 0 END"""
+_NUMBER_COLUMNS: Final = "json_extract(p.value, '$[2]'), NULL, NULL"
+
+
+def _stage_points(value_columns: str) -> str:
+    return f"""
 WITH m AS MATERIALIZED (
     SELECT json_extract(value, '$[0]') AS device_id, json_extract(value, '$[1]') AS message_id,
         json_extract(value, '$[2]') AS points
@@ -146,13 +155,13 @@ INSERT INTO temp.telemetry_staged ({", ".join(POINT_COLUMNS)})
 SELECT m.device_id, json_extract(p.value, '$[1]'),
     CASE WHEN typeof(json_extract(p.value, '$[3]')) = 'integer'
         THEN json_extract(p.value, '$[3]') END,
-    CASE WHEN json_type(p.value, '$[2]') IN ('integer', 'real')
-        THEN json_extract(p.value, '$[2]') END,
-    CASE WHEN json_type(p.value, '$[2]') = 'text' THEN json_extract(p.value, '$[2]') END,
-    CASE json_type(p.value, '$[2]') WHEN 'true' THEN 1 WHEN 'false' THEN 0 END,
+    {value_columns},
     json_extract(p.value, '$[4]'), m.message_id
 FROM m, json_each(m.points) AS p
 """
+
+
+SQLITE_STAGE_POINTS: Final = _stage_points(_ANY_VALUE_COLUMNS)
 """The points of many messages from one JSON parameter, ``[[device_id, message_id,
 [WirePoint, ...]], ...]``, taken apart by SQLite into a temporary table of the connection.
 
@@ -164,6 +173,9 @@ under it, ``SQLITE_INSERT_STAGED_POINTS`` copies the rows about three times as f
 many-row insert of the same rows. ``MATERIALIZED`` (SQLite 3.35) keeps the messages' ids
 from being extracted again for every point. A timestamp that is not a 64-bit integer
 becomes NULL, which ``telemetry_points`` refuses."""
+SQLITE_STAGE_NUMBERS: Final = _stage_points(_NUMBER_COLUMNS)
+"""``SQLITE_STAGE_POINTS`` for messages whose values are all numbers (not booleans): a
+third less work for SQLite, which then need not ask each value's JSON type."""
 SQLITE_INSERT_STAGED_POINTS: Final = (
     f"INSERT INTO telemetry_points ({', '.join(POINT_COLUMNS)})"
     f" SELECT {', '.join(POINT_COLUMNS)} FROM temp.telemetry_staged WHERE true"

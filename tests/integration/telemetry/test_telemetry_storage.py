@@ -352,15 +352,41 @@ async def test_every_kind_of_value_is_stored_in_the_column_of_its_type(
         [message], uow=TelemetryUnitOfWork(platform.database), now=platform.clock.now()
     )
 
+    assert await _stored_rows(platform, "k-1") == _rows_of(message)
+
+
+async def test_numbers_only_and_mixed_messages_stored_together_keep_their_columns(
+    platform: Platform,
+) -> None:
+    at = now_ms()
+    numbers: list[bool | int | float | str] = [0, 7, -2.5, 1e300, 2**53 + 1]
+    mixed: list[bool | int | float | str] = [1, True, 2.5, "2.5", False]
+
+    def message(values: list[bool | int | float | str], first_ms: int) -> IngestMessage:
+        points = [WirePoint(i, f"m{i}", v, first_ms + i, 0.5) for i, v in enumerate(values)]
+        return IngestMessage(new_id(), "k-2", at, "test", points)
+
+    first, second = message(numbers, at), message(mixed, at + 100)
+    uow = TelemetryUnitOfWork(platform.database)
+
+    await store_batches([second, first], uow=uow, now=platform.clock.now())
+
+    assert await _stored_rows(platform, "k-2") == _rows_of(first) + _rows_of(second)
+
+
+async def _stored_rows(platform: Platform, device_id: str) -> list[tuple[Any, ...]]:
+    """The device's points in time order, booleans as bool (SQLite keeps 0/1)."""
     async with platform.database.session() as session:
         found = await session.execute(
             text(
                 "SELECT metric, ts, value_num, value_text, value_bool, quality, message_id"
-                " FROM telemetry_points WHERE device_id = 'k-1' ORDER BY ts"
-            )
+                " FROM telemetry_points WHERE device_id = :d ORDER BY ts"
+            ),
+            {"d": device_id},
         )
         rows = [tuple(row) for row in found]
-    expected = [point_row("k-1", message.id, point)[1:] for point in points]
-    assert [(*row[:4], None if row[4] is None else bool(row[4]), *row[5:]) for row in rows] == [
-        tuple(row) for row in expected
-    ]
+    return [(*row[:4], None if row[4] is None else bool(row[4]), *row[5:]) for row in rows]
+
+
+def _rows_of(message: IngestMessage) -> list[tuple[Any, ...]]:
+    return [tuple(point_row(message.device_id, message.id, p)[1:]) for p in message.points]

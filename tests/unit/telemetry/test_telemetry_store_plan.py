@@ -74,3 +74,17 @@ def _expected(batch: list[IngestMessage], device_id: str) -> dict[str, object]:
         "quality_mean": min(1.0, max(0.0, sum(p.quality for p in found) / len(found))),
         "message_id": mine[0].id,
     }
+
+
+def test_messages_of_numbers_only_are_told_from_those_with_booleans_or_text() -> None:
+    def message(*values: bool | int | float | str) -> IngestMessage:
+        points = [WirePoint(i, f"m{i}", v, i, 1.0) for i, v in enumerate(values)]
+        return IngestMessage(str(len(values)) + repr(values), "d1", 0, "test", points)
+
+    numbers = [message(1, 2.5), message(0.0)]
+    other = [message(1, True), message(2.5, "on"), message(False)]
+
+    plan = _StorePlan.of([other[0], numbers[0], other[1], numbers[1], other[2]])
+
+    assert plan.numbers_only == numbers
+    assert plan.other == other
