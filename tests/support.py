@@ -41,6 +41,17 @@ def client_for(platform: Platform) -> httpx.AsyncClient:
     )
 
 
+async def known_to_telemetry(
+    client: httpx.AsyncClient, device_id: str, *, timeout_s: float = 30.0
+) -> None:
+    """Wait until the telemetry context learnt of the device's registration (from an event;
+    a post before then waits a little and may still be answered 404 on a busy machine)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (await client.get(f"/api/v1/devices/{device_id}/telemetry/latest")).status_code == 404:
+        assert asyncio.get_running_loop().time() < deadline, f"telemetry never saw {device_id}"
+        await asyncio.sleep(0.05)
+
+
 class Restartable(Protocol):
     async def start(self) -> None: ...
 

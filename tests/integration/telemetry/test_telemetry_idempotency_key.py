@@ -9,6 +9,8 @@ import httpx
 import pytest
 from ulid import ULID
 
+from support import known_to_telemetry
+
 pytestmark = pytest.mark.integration
 
 METER = {"name": "key-meter", "telemetry_schema": {"temp": {"type": "number"}}}
@@ -19,6 +21,7 @@ async def _device(client: httpx.AsyncClient, device_id: str) -> tuple[str, str]:
         assert (await client.post("/api/v1/device-types", json=METER)).status_code == 201
     created = await client.post("/api/v1/devices", json={"type": METER["name"], "id": device_id})
     assert created.status_code == 201, created.text
+    await known_to_telemetry(client, device_id)
     return device_id, created.json()["credentials"]["secret"]
 
 
