@@ -15,10 +15,10 @@ from typing import Any
 
 from fleetmesh.core.errors import Conflict, FieldError, InvalidInput, NotFound
 
-DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-TYPE_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-METRIC_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
-CAPABILITY_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+TYPE_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+METRIC_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+CAPABILITY_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 MAX_METADATA_KEYS = 64
 MAX_METADATA_BYTES = 8192
 MAX_NAME_LENGTH = 200
@@ -106,17 +106,17 @@ class DeviceType:
 
 def _type_errors(device_type: DeviceType) -> list[FieldError]:
     errors: list[FieldError] = []
-    if not TYPE_NAME_PATTERN.match(device_type.name):
+    if not TYPE_NAME_PATTERN.fullmatch(device_type.name):
         errors.append(
             FieldError("name", "use 1-63 of a-z, 0-9, '-' and '_', starting with a letter")
         )
     errors.extend(
         FieldError(f"capabilities.{i}", "use 1-63 of a-z, 0-9, '.', '-' and '_'")
         for i, capability in enumerate(device_type.capabilities)
-        if not CAPABILITY_PATTERN.match(capability)
+        if not CAPABILITY_PATTERN.fullmatch(capability)
     )
     for metric, spec in device_type.telemetry_schema.items():
-        if not METRIC_PATTERN.match(metric):
+        if not METRIC_PATTERN.fullmatch(metric):
             errors.append(FieldError(f"telemetry_schema.{metric}", "invalid metric name"))
         if spec.min is not None and spec.max is not None and spec.min > spec.max:
             errors.append(FieldError(f"telemetry_schema.{metric}.min", "min is above max"))
@@ -235,7 +235,7 @@ def registration_errors(
 ) -> list[FieldError]:
     """Every reason a registration is invalid, so the caller can fix them all at once."""
     errors: list[FieldError] = []
-    if not DEVICE_ID_PATTERN.match(device_id):
+    if not DEVICE_ID_PATTERN.fullmatch(device_id):
         errors.append(
             FieldError("id", "use 1-64 of A-Z, a-z, 0-9, '-' and '_', starting alphanumeric")
         )

@@ -96,7 +96,7 @@ POINTS_REJECTED = "points_rejected"
 PROCESSING_FAILED = "processing_failed"
 INVALID_DEVICE_ID = "invalid_device_id"
 
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def devices_in_stream_config() -> StreamConfig:
@@ -123,7 +123,7 @@ def device_id_of(subject: str) -> str | None:
 
 def is_device_id(text: str) -> bool:
     """A device id as the registry allows it (and so a single NATS/MQTT topic level)."""
-    return bool(_DEVICE_ID.match(text))
+    return bool(_DEVICE_ID.fullmatch(text))
 
 
 def errors_subject(device_id: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fleetmesh.core.errors import InvalidInput
@@ -96,7 +96,20 @@ def test_device_type_validation() -> None:
     assert "offline_timeout_s" in fields
 
 
+def test_names_ending_in_a_newline_are_refused() -> None:
+    bad = DeviceType(
+        name="meter\n",
+        capabilities=("ping\n",),
+        telemetry_schema={"t\n": MetricSpec(ValueType.number)},
+    )
+    with pytest.raises(InvalidInput) as caught:
+        bad.validate()
+    fields = {error.field for error in caught.value.errors}
+    assert {"name", "capabilities.0", "telemetry_schema.t\n"} <= fields
+
+
 @given(st.text(max_size=80))
+@example("0\n")
 def test_accepted_ids_are_safe_in_mqtt_topics_and_nats_subjects(candidate: str) -> None:
     errors = registration_errors(
         device_id=candidate,
@@ -107,6 +120,6 @@ def test_accepted_ids_are_safe_in_mqtt_topics_and_nats_subjects(candidate: str) 
         offline_timeout_s=None,
     )
     if not errors:
-        assert DEVICE_ID_PATTERN.match(candidate)
+        assert DEVICE_ID_PATTERN.fullmatch(candidate)
         assert not set(candidate) & set("./#+*> \t\n$")
         assert 1 <= len(candidate) <= 64

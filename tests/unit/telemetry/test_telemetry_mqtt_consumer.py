@@ -20,6 +20,7 @@ from fleetmesh.telemetry.mqtt import (
     backoff_s,
     device_id_of,
     errors_subject,
+    is_device_id,
 )
 from fleetmesh.telemetry.quarantine import QuarantineEntry
 
@@ -420,3 +421,12 @@ async def test_a_message_without_points_is_acked_without_storing(
     assert store.transactions == []
     assert quarantine.entries == {}
     assert message.settled == [("ack", None)]
+
+
+@pytest.mark.parametrize("candidate", ["0\n", "a b", "a.b", "", "x" * 65, "-a"])
+def test_what_is_not_a_registrable_device_id_is_not_taken_for_one(candidate: str) -> None:
+    assert not is_device_id(candidate)
+
+
+def test_a_registrable_device_id_is_taken_for_one() -> None:
+    assert is_device_id("sensor-01_A")
