@@ -45,6 +45,7 @@ from fleetmesh.bench.ingest_load import (
     Throughput,
     batch_items,
     http_batches,
+    http_bodies,
     http_latencies,
     limit_rows,
     mqtt_devices,
@@ -281,12 +282,13 @@ async def _http_load(
 ) -> Throughput:
     total = sizes.http_devices * sizes.http_batches * POINTS_PER_BATCH
     result = Throughput()
+    bodies = http_bodies(list(fleet.http), sizes.http_batches, start_ms)
     baseline = await points_stored(api)
     description = f"{label}: HTTP batches of {POINTS_PER_BATCH:,}, {sizes.http_devices} devices"
     with options.step(description, total) as step, CpuMeter(platform, result):
         started = time.perf_counter()
         counters, acknowledged = await http_batches(
-            api, fleet.http, sizes.http_batches, start_ms, on_batch=step.advance
+            platform.base_url, fleet.http, bodies, on_batch=step.advance
         )
         stored = await wait_stored(api, baseline + counters.accepted, stall_s=sizes.stall_s)
     result.sent, result.accepted = counters.sent, counters.accepted

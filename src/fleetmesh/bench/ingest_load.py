@@ -4,8 +4,9 @@ Shapes (pure): an HTTP batch is `SAMPLES_PER_BATCH` compact samples of the simul
 four metrics (1,000 points); an MQTT message is one point. `limit_rows` turns the HTTP
 load into the rows the writer stores, so the raw-storage ceilings write the same rows.
 
-Senders: devices post their own batches with HTTP Basic auth through the simulator's
-`HttpSender` (it retries a 503 after its Retry-After); over MQTT each device is its own
+Senders: devices post their own batches, encoded before the clock runs, with HTTP Basic
+auth through the simulator's `HttpSender` (aiohttp; it retries a 503 after its
+Retry-After); over MQTT each device is its own
 paho connection (QoS 1, `MQTT_IN_FLIGHT` unacknowledged publishes at most, paho's
 default). The plain pipe has the MQTT load's shape without fleetmesh: the same devices and
 connections, each publishing QoS 1 on a topic of its own that it is subscribed to at QoS 1,
@@ -30,13 +31,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetmesh.bench.platform import BenchError, PlatformProcess
 from fleetmesh.core.ids import new_id
 from fleetmesh.telemetry.contracts import WirePoint
-from fleetmesh.telemetry.simulator import METRICS, Counters, HttpSender, basic_auth
+from fleetmesh.telemetry.simulator import (
+    METRICS,
+    Counters,
+    HttpSender,
+    basic_auth,
+    sender_session,
+)
 from fleetmesh.telemetry.tables import PointRow, point_row
 
 SAMPLES_PER_BATCH = 250
@@ -258,34 +266,44 @@ def on_perf_counter(unix_time: float, perf_now: float, unix_now: float) -> float
 # --------------------------------------------------------------------------- HTTP
 
 
+def http_bodies(devices: Sequence[str], batches: int, start_ms: int) -> dict[str, list[bytes]]:
+    """Each device's `batches` batches, encoded before the clock runs: the devices of a
+    fleet make their data on their own hardware, not on the platform's cores."""
+    encoded = [
+        msgspec.json.encode(batch_items(start_ms, batch * SAMPLES_PER_BATCH, SAMPLES_PER_BATCH))
+        for batch in range(batches)
+    ]
+    return dict.fromkeys(devices, encoded)
+
+
 async def http_batches(
-    api: httpx.AsyncClient,
+    base_url: str,
     devices: Secrets,
-    batches: int,
-    start_ms: int,
+    bodies: dict[str, list[bytes]],
     *,
     on_batch: Callable[[int], None],
 ) -> tuple[Counters, float]:
-    """Every device posts `batches` batches one after the other, all devices at once.
+    """Every device posts its batches one after the other, all devices at once.
 
     Returns the sender's counters and when the last batch was acknowledged.
     """
     counters = Counters()
-    sender = HttpSender(api, counters, give_up_s=60.0)
+    async with sender_session() as session:
+        sender = HttpSender(session, base_url, counters, give_up_s=60.0)
 
-    async def device(device_id: str, secret: str) -> None:
-        for batch in range(batches):
-            items = batch_items(start_ms, batch * SAMPLES_PER_BATCH, SAMPLES_PER_BATCH)
-            await sender.send(device_id, secret, items)
-            on_batch(POINTS_PER_BATCH)
+        async def device(device_id: str, secret: str) -> None:
+            for body in bodies[device_id]:
+                await sender.send_encoded(device_id, secret, body, POINTS_PER_BATCH)
+                on_batch(POINTS_PER_BATCH)
 
-    await asyncio.gather(*(device(i, s) for i, s in devices.items()))
+        await asyncio.gather(*(device(i, s) for i, s in devices.items()))
+        acknowledged = time.perf_counter()
     if counters.failed or counters.refused_messages:
         raise BenchError(
             f"HTTP ingest refused {counters.refused_messages} batches,"
             f" gave up on {counters.failed} points"
         )
-    return counters, time.perf_counter()
+    return counters, acknowledged
 
 
 async def http_latencies(
