@@ -57,7 +57,7 @@ log = get_logger(__name__)
 
 WRITER_DURABLE: Final = "telemetry-writer"
 MAX_MESSAGES_PER_FETCH: Final = 1_000
-MAX_POINTS_PER_TRANSACTION: Final = int(__import__("os").environ.get("XTX", "50000"))
+MAX_POINTS_PER_TRANSACTION: Final = 50_000
 WRITER_CONCURRENCY: Final = 2
 """Fetches handled at once: the next one is decoded and staged while the database
 writes the last (PostgreSQL writes both at once; SQLite one after the other)."""
