@@ -5,10 +5,10 @@ child) on a temporary data dir and free loopback ports, once on SQLite and once 
 PostgreSQL (`--database-url`, else a temporary database on the machine's server; that
 part is reported as skipped when the server cannot be reached). On each:
 
-- HTTP batch ingest, in `HTTP_ROUNDS` rounds: the raw driver writes the round's rows into
-  the same table layout (SQLite `executemany`, target >= 0.6; PostgreSQL `COPY`, target
-  >= 0.5), then `HTTP_DEVICES` devices post the same points, batches of 1,000 (250
-  samples of four metrics) at the same time, each device one batch after the other;
+- HTTP batch ingest, in three rounds (one with `--quick`): the raw driver writes the rows
+  into the same table layout (SQLite `executemany`, target >= 0.6; PostgreSQL `COPY`,
+  target >= 0.5), then 8 devices post the same points, batches of 1,000 (250 samples of
+  four metrics) at the same time, each device one batch after the other;
   points/s from the first post until the writer stored the last accepted point. A round's
   ratio is its points/s divided by the raw rows/s measured just before it; the round with
   the median ratio is reported, beside the lowest and highest ratio (a 2-core machine's
