@@ -392,16 +392,18 @@ def fill(
     pipe = max((run.pipe for run in runs), default=0.0)
     pipe_name = _with_target(PIPE_LIMIT, TARGETS["mqtt"])
     for run in runs:
-        raw = SQLITE_LIMIT if run.store == SQLITE else POSTGRES_LIMIT
-        _add_http(report, run, _with_target(raw, TARGETS[run.store]), sizes)
+        _add_http(report, run, _with_target(_raw_name(run), TARGETS[run.store]), sizes)
         _add_latency(report, run)
         _add_mqtt(report, run, pipe_name, pipe, sizes)
     if skipped:
         report.add(f"{POSTGRES}: skipped ({skipped})", 0.0, "skipped")
     for run in runs:
-        raw = SQLITE_LIMIT if run.store == SQLITE else POSTGRES_LIMIT
-        report.add(f"{raw}, before the median round", run.median_round.limit, "rows/s")
+        report.add(f"{_raw_name(run)}, before the median round", run.median_round.limit, "rows/s")
     report.add(PIPE_LIMIT, pipe, "msgs/s")
+
+
+def _raw_name(run: StoreRun) -> str:
+    return SQLITE_LIMIT if run.store == SQLITE else POSTGRES_LIMIT
 
 
 def _with_target(limit_name: str, target: float) -> str:
