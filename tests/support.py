@@ -18,8 +18,8 @@ def make_settings(data_dir: Path, database_url: str | None = None, **extra: obje
     return Settings(
         data_dir=data_dir,
         http_port=free_port(),
-        nats_port=free_port(),
-        mqtt_port=free_port(),
+        nats_port=0,  # picked at start: one taken meanwhile is replaced by another
+        mqtt_port=0,
         database_url=database_url,
         outbox_poll_seconds=0.05,
         allow_private_webhooks=True,

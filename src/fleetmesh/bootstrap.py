@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,7 @@ class Platform:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self.nats_server is not None:
             await self.nats_server.start()
+            self._follow_embedded_ports(self.nats_server)
         await self.backbone.connect()
         await self.backbone.wait_for_jetstream()
         await self.backbone.ensure_stream(events_stream_config(self.settings))
@@ -148,6 +149,11 @@ class Platform:
         self.relay.start()
         await self._ensure_admin_key()
         self.started = True
+
+    def _follow_embedded_ports(self, server: EmbeddedNatsServer) -> None:
+        """The ports the embedded server listens on: a picked one may have been replaced."""
+        self.ports.nats, self.ports.mqtt = server.client_port, server.mqtt_port
+        self.backbone.endpoint = replace(self.backbone.endpoint, servers=[server.url])
 
     def _system_nats(self) -> NatsEndpoint | None:
         """The system account's login: the embedded server's, or the one given for external
@@ -263,6 +269,7 @@ def bootstrap(
             client_port=ports.nats,
             mqtt_port=ports.mqtt,
             nats_secrets=nats_secrets,
+            ports_replaceable=not settings.nats_port and not settings.mqtt_port,
         )
         endpoint = NatsEndpoint(
             servers=[nats_server.url], user=SERVICE_USER, password=nats_secrets.service_password

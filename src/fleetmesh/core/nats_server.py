@@ -27,8 +27,12 @@ from nacl.signing import SigningKey
 
 from fleetmesh.core.ids import new_id
 from fleetmesh.core.logging import get_logger
+from fleetmesh.core.ports import free_port
 
 log = get_logger(__name__)
+
+BIND_ATTEMPTS = 3
+ADDRESS_IN_USE = "address already in use"
 
 SERVICE_ACCOUNT = "IOT"
 SYSTEM_ACCOUNT = "SYS"
@@ -145,11 +149,15 @@ class EmbeddedNatsServer:
         nats_secrets: NatsSecrets,
         server_name: str | None = None,
         extra_config: str = "",
+        ports_replaceable: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.host = host
         self.client_port = client_port
         self.mqtt_port = mqtt_port
+        self.ports_replaceable = ports_replaceable
+        """The ports were picked, not asked for: one taken before the server bound it (a
+        free port handed to another socket meanwhile) is replaced by another free one."""
         self.secrets = nats_secrets
         self.server_name = server_name or f"fleetmesh-{new_id().lower()}"
         self.extra_config = extra_config
@@ -186,6 +194,18 @@ class EmbeddedNatsServer:
         return config_path
 
     async def start(self, *, timeout: float = 15.0) -> None:
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            try:
+                await self._start_once(timeout)
+                return
+            except NatsServerError as error:
+                taken = ADDRESS_IN_USE in str(error)
+                if not (taken and self.ports_replaceable) or attempt == BIND_ATTEMPTS:
+                    raise
+                log.warning("nats_server_port_taken", attempt=attempt, error=str(error)[-200:])
+                self.client_port, self.mqtt_port = free_port(self.host), free_port(self.host)
+
+    async def _start_once(self, timeout: float) -> None:
         config_path = self._write_config()
         log_path = self.data_dir / "nats" / "nats-server.log"
         with log_path.open("ab") as log_file:
