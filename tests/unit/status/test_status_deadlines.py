@@ -81,6 +81,25 @@ class TestScheduler:
         assert len(scheduler) == 10
         assert scheduler.next_at() == t(49_990)
 
+    def test_cancelling_and_firing_never_rebuild_the_heap(self) -> None:
+        """A silent fleet cancels and fires thousands of deadlines a second; a rebuild of
+        the whole heap in between would hold the next ones back."""
+        scheduler = DeadlineScheduler()
+        for round_at in (3_600, 28):  # every deadline moved earlier: half the heap is stale
+            for i in range(5_000):
+                scheduler.set(f"d{i}", t(round_at + i / 1_000))
+        heap = scheduler._heap  # white box: the same list, never replaced
+        due = scheduler.pop_due(t(30))
+        for device, _ in due:
+            scheduler.cancel(device)
+        for i in range(2_000, 4_000):
+            scheduler.cancel(f"d{i}")
+        assert scheduler._heap is heap
+        assert len(due) == 2_001 and len(scheduler) == 1_000
+        assert scheduler.next_at() == t(32)
+        scheduler.set("d0", t(40))  # the next set rebuilds from the live entries
+        assert len(scheduler._heap) == len(scheduler) == 1_001
+
 
 def test_100_000_deadlines_set_reset_cancel_fire_once_in_order() -> None:
     rng = random.Random(20240101)
