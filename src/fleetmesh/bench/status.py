@@ -3,8 +3,8 @@
 For each fleet size the status context runs in-process, as `fleetmesh up` runs
 it (`bootstrap` with only the status context: its consumers, report batcher,
 deadline runner and outbox relay, on a real nats-server and a fresh SQLite
-file, or the PostgreSQL database given; the heap built by the start is frozen
-out of garbage collection, as `fleetmesh up` does), and:
+file, or the PostgreSQL database given; the heap is settled once started, as
+`fleetmesh up` does: `core.heap`), and:
 
 1. learns the fleet from the device registry's events, handed to
    `StatusService.project` in chunks (what its projection consumer does with
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import gc
 import json
 import logging
 import math
@@ -71,6 +70,7 @@ from fleetmesh.bench.report import BenchOptions, BenchReport, machine_info
 from fleetmesh.bootstrap import Platform, bootstrap
 from fleetmesh.core.clock import Clock, from_rfc3339, to_rfc3339
 from fleetmesh.core.envelope import subject_for_type
+from fleetmesh.core.heap import release_heap, settle_heap
 from fleetmesh.core.logging import set_log_level
 from fleetmesh.core.ports import free_port
 from fleetmesh.core.settings import Settings
@@ -385,7 +385,7 @@ async def _measure_fleet(work_dir: Path, size: int, options: BenchOptions) -> Fl
     with options.step(f"{size:,} devices: starting the status context"):
         platform = bootstrap(_settings(work_dir, options.database_url), contexts=["status"])
         await platform.start()
-    _freeze_heap()
+    thresholds = settle_heap()  # what `fleetmesh up` does once started
     try:
         service = _provided(platform, "status_service", StatusService)
         batcher = _provided(platform, "status_batcher", ReportBatcher)
@@ -412,17 +412,10 @@ async def _measure_fleet(work_dir: Path, size: int, options: BenchOptions) -> Fl
                 platform, batcher, online, options, "reporting again"
             )
     finally:
-        gc.unfreeze()
+        release_heap(thresholds)
         with options.step(f"{size:,} devices: stopping"):
             await platform.stop()
     return fleet
-
-
-def _freeze_heap() -> None:
-    """What `fleetmesh up` does once started: the heap built so far (this process's
-    imports, the started platform) is left out of the collector's full passes."""
-    gc.collect()
-    gc.freeze()
 
 
 def _settings(data_dir: Path, database_url: str | None) -> Settings:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -18,6 +17,7 @@ from rich.panel import Panel
 from fleetmesh import __version__
 from fleetmesh.bootstrap import Platform, bootstrap
 from fleetmesh.cli.options import DEFAULT_DATA_DIR, DatabaseUrl, DataDir
+from fleetmesh.core.heap import settle_heap
 from fleetmesh.core.logging import configure_logging
 from fleetmesh.core.ports import PortInUse
 from fleetmesh.core.settings import Settings
@@ -151,7 +151,7 @@ class QuietExitServer(uvicorn.Server):
     uvicorn re-raises the signal once it has shut down, which would turn a
     clean stop into death by signal; fleetmesh has finished its own shutdown by
     then (the platform stops in the app's lifespan), so the signal is consumed.
-    Once started, the heap built by the start is frozen out of garbage collection.
+    Once started, the heap is settled (`core.heap`): what the start built is frozen.
     """
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -160,11 +160,7 @@ class QuietExitServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        # What the start built lives as long as the process. Frozen, it is left
-        # out of the collector's full passes, each of which otherwise paused
-        # the event loop for ~100 ms (the p99 of every request and delivery).
-        gc.collect()
-        gc.freeze()
+        settle_heap()
 
 
 def print_banner(platform: Platform) -> None:
