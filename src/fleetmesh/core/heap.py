@@ -7,10 +7,10 @@ paused the event loop for ~100 ms (the p99 of every request and delivery).
 With the start frozen, CPython's rule for full passes (once a quarter of the
 unfrozen heap is new) fires after almost every tenth young pass, and a young
 pass comes every 700 allocations: when 100,000 devices fall silent at once,
-the status context paid 750 young, 68 middle and 6 full passes (165 ms) in the
-first 3 s. Young passes every `YOUNG_THRESHOLD` allocations keep each short and
-make them 30 times rarer, and full passes follow far less often. Cyclic garbage
-waits a little longer for its pass; reference counting frees everything else at once.
+the status context paused for 609 passes (211 ms) in the first 3 s. With young
+passes every `YOUNG_THRESHOLD` allocations, and the older generations' passes
+following at the same ratio, it paused for 9 (102 ms). Cyclic garbage waits a
+little longer for its pass; reference counting frees everything else at once.
 """
 
 from __future__ import annotations
