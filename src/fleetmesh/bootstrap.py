@@ -234,6 +234,7 @@ def events_stream_config(settings: Settings) -> StreamConfig:
         max_bytes=settings.event_retention_bytes,
         discard=DiscardPolicy.OLD,
         duplicate_window=120.0,
+        allow_atomic=True,  # the outbox relay publishes in atomic batches
     )
 
 

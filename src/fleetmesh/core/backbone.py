@@ -174,9 +174,10 @@ class Backbone:
         return await self.js.publish(subject, payload, headers=all_headers, timeout=timeout)
 
     async def publish_in_order(
-        self, messages: Sequence[OrderedPublish], *, timeout: float = 10.0
+        self, messages: Sequence[OrderedPublish], *, timeout: float = 10.0, atomic: bool = False
     ) -> list[BaseException | None]:
-        """Publish durably in this order without waiting for each PubAck in turn.
+        """Publish durably in this order without waiting for each PubAck in turn; with
+        `atomic` (a stream with `allow_atomic`), in atomic batches (see `core.acks`).
 
         Per message: None once JetStream stored it, else why not (a PubAck that did not come
         within `timeout` counts as a failure; the message may still have been stored, which
@@ -184,7 +185,7 @@ class Backbone:
         """
         if self._acked is None:
             raise RuntimeError("backbone not connected")
-        return await self._acked.publish(messages, timeout=timeout)
+        return await self._acked.publish(messages, timeout=timeout, atomic=atomic)
 
     async def ping(self) -> bool:
         try:

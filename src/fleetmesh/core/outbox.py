@@ -1,10 +1,11 @@
 """The outbox relay: publishes committed domain events to the EVENTS stream.
 
-Each row is published with `Nats-Msg-Id` = the event id, then marked sent. If
-the process dies between publish and mark, the row is published again on the
-next run and JetStream drops the duplicate (within the stream's duplicate
-window). While NATS is unreachable the relay backs off and retries; nothing
-is dropped.
+Each row is published with `Nats-Msg-Id` = the event id, in atomic batches of up
+to 1,000 (one PubAck each, see `core.acks`), then marked sent. If the process
+dies between publish and mark, the row is published again on the next run and
+JetStream drops the duplicate (within the stream's duplicate window; a batch
+holding one is refused whole and published again message by message). While
+NATS is unreachable the relay backs off and retries; nothing is dropped.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class OutboxRelay:
         leading rows that were stored (after a failure, the rest are published again next
         time, and JetStream drops those it already has)."""
         outcomes = await self.backbone.publish_in_order(
-            [OrderedPublish(subject, payload, event_id) for _, event_id, subject, payload in rows]
+            [OrderedPublish(subject, payload, event_id) for _, event_id, subject, payload in rows],
+            atomic=True,
         )
         stored: list[int] = []
         for row, outcome in zip(rows, outcomes, strict=True):

@@ -64,6 +64,7 @@ async def test_crash_between_publish_and_mark_sent_is_deduplicated(
     async with platform.database.session() as session:
         await session.execute(update(outbox).values(published_at=None))
         await session.commit()
+    # Its atomic batch is refused whole (it holds stored ids), then sent one by one:
     assert await platform.relay.publish_pending() == 2
     assert await platform.relay.backlog() == 0
     assert await _stream_messages(platform) == 2
@@ -95,10 +96,13 @@ async def test_a_pipelined_batch_is_stored_in_outbox_order(
         pass
     subscription = await platform.backbone.js.pull_subscribe(">", stream=EVENTS_STREAM)
     in_stream: list[str] = []
+    batches: set[str] = set()
     while len(in_stream) < len(in_outbox):
         for message in await subscription.fetch(100, timeout=5):
             in_stream.append(message.headers["Nats-Msg-Id"])  # type: ignore[index]
+            batches.add(message.headers["Nats-Batch-Id"])  # type: ignore[index]
     assert in_stream == in_outbox
+    assert 1 <= len(batches) <= 2  # 251 events in atomic batches: one PubAck each
 
 
 async def test_a_transaction_s_events_are_stored_in_emit_order_byte_for_byte(
