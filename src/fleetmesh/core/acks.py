@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -58,13 +58,16 @@ _SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
 _HEADER_START = b"NATS/1.0\r\n" + MSG_ID_HEADER.encode() + b": "
 
 
-def hpub_frame(subject: str, reply: str, msg_id: str, payload: bytes) -> bytes:
-    """`HPUB <subject> <reply> <header size> <total size>` with one `Nats-Msg-Id` header."""
-    header = b"%s%s\r\n\r\n" % (_HEADER_START, msg_id.encode())
+def hpub_frame(
+    subject: str, reply: str, msg_id: str, payload: bytes, more_headers: bytes = b""
+) -> bytes:
+    """`HPUB <subject> [<reply>] <header size> <total size>` with a `Nats-Msg-Id` header
+    and `more_headers` (whole header lines); no reply subject when `reply` is empty."""
+    header = b"%s%s\r\n%s\r\n" % (_HEADER_START, msg_id.encode(), more_headers)
     size = len(header)
-    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+    return b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
         subject.encode(),
-        reply.encode(),
+        b" " + reply.encode() if reply else b"",
         size,
         size + len(payload),
         header,
@@ -77,26 +80,13 @@ def atomic_hpub_frame(
 ) -> bytes:
     """A message of an atomic batch: its `Nats-Msg-Id`, the batch's id and its place in it;
     the last one (given a reply subject, where the batch's PubAck goes) commits it."""
-    header = b"%s%s\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: %d\r\n" % (
-        _HEADER_START,
-        msg_id.encode(),
+    batch_headers = b"Nats-Batch-Id: %s\r\nNats-Batch-Sequence: %d\r\n" % (
         batch.encode(),
         sequence,
     )
-    reply = b""
     if commit_reply:
-        header += b"Nats-Batch-Commit: 1\r\n"
-        reply = b" " + commit_reply.encode()
-    header += b"\r\n"
-    size = len(header)
-    return b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
-        subject.encode(),
-        reply,
-        size,
-        size + len(payload),
-        header,
-        payload,
-    )
+        batch_headers += b"Nats-Batch-Commit: 1\r\n"
+    return hpub_frame(subject, commit_reply, msg_id, payload, batch_headers)
 
 
 def _safe_id(msg_id: str) -> bool:
@@ -237,16 +227,11 @@ class AckedPublisher:
         number = next(self._numbers)
         no_ack = TimeoutError("no PubAck in time")
         batch = _Batch([no_ack] * count, no_ack, count, atomic_id=f"{self._token}-{number}")
-        self._batches[number] = batch
-        try:
+        with self._awaiting(number, batch):
             if await self._send_atomically(number, batch.atomic_id, group[:count]):
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout):
-                        await batch.done.wait()
+                await _answered(batch, timeout)
             else:  # no commit went out: the server drops what it got of the batch
                 batch.outcomes = [_not_published() for _ in range(count)]
-        finally:
-            del self._batches[number]
         return batch.outcomes + [_not_published() for _ in range(len(group) - count)]
 
     async def _send_atomically(
@@ -281,16 +266,20 @@ class AckedPublisher:
         number = next(self._numbers)
         no_ack = TimeoutError("no PubAck in time")
         batch = _Batch([no_ack] * len(messages), no_ack, len(messages))
-        self._batches[number] = batch
-        try:
+        with self._awaiting(number, batch):
             sent = await self._send(number, messages)
             batch.not_sent(len(messages) - sent)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await batch.done.wait()
+            await _answered(batch, timeout)
+        return batch.outcomes[:sent] + [_not_published() for _ in range(len(messages) - sent)]
+
+    @contextlib.contextmanager
+    def _awaiting(self, number: int, batch: _Batch) -> Iterator[None]:
+        """While its messages are published and answered, PubAcks to `number` go to `batch`."""
+        self._batches[number] = batch
+        try:
+            yield
         finally:
             del self._batches[number]
-        return batch.outcomes[:sent] + [_not_published() for _ in range(len(messages) - sent)]
 
     async def _send(self, number: int, messages: Sequence[OrderedPublish]) -> int:
         """Publish in order until one cannot be sent; how many were sent. Each turn of the
@@ -352,6 +341,13 @@ class AckedPublisher:
             batch.answer_all(_atomic_outcome(message, batch.atomic_id, len(batch.outcomes)))
         else:
             batch.answer(int(index), _outcome(message))
+
+
+async def _answered(batch: _Batch, timeout: float) -> None:
+    """Until every message of the batch is answered, at most `timeout` seconds."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await batch.done.wait()
 
 
 def _not_published() -> TimeoutError:
