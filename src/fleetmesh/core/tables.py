@@ -18,6 +18,8 @@ from fleetmesh.core.sqltypes import UtcDateTime
 
 metadata = MetaData()
 
+# On PostgreSQL the unpublished rows also have a partial index of their own,
+# `ix_outbox_unpublished` on `seq` (migration core_0002 says why).
 outbox = Table(
     "outbox",
     metadata,
