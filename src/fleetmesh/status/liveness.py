@@ -13,8 +13,11 @@ acknowledged before it is stored. A transaction holds at most
 fall due at once, the first transitions commit within a fraction of a second
 instead of waiting for one huge transaction (a window's future then resolves
 with the transaction that stores its last device, and the consumer offset is
-stored only there). A transaction that fails is retried as a whole (in order),
-then device by device, so one bad device cannot block the rest.
+stored only there). On PostgreSQL two transactions are in flight at once: the
+database writes one while the next one's rows and events are built here (with a
+whole fleet of 100,000 silent, the worst delay in two bench runs each went from
+1.25 and 1.10 s to 0.87 and 0.92 s). A transaction that fails is retried as a whole (in order), then device
+by device, so one bad device cannot block the rest.
 
 Deadlines. `Timers` mirrors, after each commit, each device's offline deadline
 (`max(since, last_seen) + timeout`, only while online) and its next health
@@ -145,11 +148,16 @@ class Timers:
 class _Window:
     """The devices that joined pending input while one future was handed out.
 
-    Pending input is written front to back, so the window is stored once as many
-    devices as joined it (and all of its predecessors) have been written."""
+    The window is stored once all the devices that joined it have been written, and
+    every window before it is stored (a device may carry input of several windows:
+    later input joins the one already pending)."""
 
+    number: int
     future: asyncio.Future[FlushResult]
+    untaken: int = 0
+    """Devices that joined it and are not in a transaction yet."""
     unwritten: int = 0
+    """Devices that joined it and are not written yet."""
     offset: tuple[str, int] | None = None
     closed: bool = False
     unknown: set[str] = field(default_factory=set)
@@ -168,9 +176,25 @@ class _Window:
             )
 
 
+@dataclass(eq=False)
+class _Chunk:
+    """One transaction's devices, with the window each of them joined."""
+
+    inputs: dict[str, DeviceInput]
+    windows: list[int]
+    offset: tuple[str, int] | None
+
+
 class ReportBatcher:
     """Collects automatic reports per device and writes them in transactions of at
-    most `max_window_devices` devices, oldest input first."""
+    most `max_window_devices` devices, oldest input first, up to `max_in_flight`
+    transactions at a time.
+
+    With more than one in flight (PostgreSQL: one transaction's rows are written by
+    the database while the next one is built here), a device is in one transaction
+    at a time (its later input waits for the next), and a transaction that stores
+    the consumer offset starts only once those before it have ended, so the offset
+    never covers input that is not stored."""
 
     def __init__(
         self,
@@ -178,12 +202,22 @@ class ReportBatcher:
         *,
         window_s: float = WINDOW_S,
         max_window_devices: int = MAX_WINDOW_DEVICES,
+        max_in_flight: int = 1,
     ) -> None:
         self.service = service
         self.window_s = window_s
         self.max_window_devices = max_window_devices
         self._pending: dict[str, DeviceInput] = {}
+        self._joined: dict[str, int] = {}
+        """Pending device -> the window it joined."""
         self._windows: deque[_Window] = deque()
+        self._numbers = itertools.count()
+        self._in_flight: set[str] = set()
+        self._offered = -1
+        """The last window whose consumer offset a chunk took to store."""
+        self._writes: list[asyncio.Task[None]] = []
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._written = asyncio.Event()
         self._has_pending = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -196,9 +230,11 @@ class ReportBatcher:
         """Stop, writing what is still pending (best effort; unacked input is redelivered)."""
         task, self._task = self._task, None
         await stop_task(task)
+        for write in list(self._writes):  # their devices go back to pending input
+            await stop_task(write)
         with contextlib.suppress(Exception):
             while self._pending:
-                await self._write_window()
+                await self._write_chunk(self._take_chunk(), [])
         while self._windows:  # not stored: left unacknowledged, so it is redelivered
             self._windows.popleft().future.cancel()
 
@@ -218,6 +254,8 @@ class ReportBatcher:
         item = self._pending.get(device_id)
         if item is None:
             item = self._pending[device_id] = DeviceInput()
+            self._joined[device_id] = window.number
+            window.untaken += 1
             window.unwritten += 1
         if report is not None:
             item.add(report)
@@ -238,74 +276,113 @@ class ReportBatcher:
 
     def _open_window(self) -> _Window:
         if not self._windows or self._windows[-1].closed:
-            self._windows.append(_Window(asyncio.get_running_loop().create_future()))
+            future = asyncio.get_running_loop().create_future()
+            self._windows.append(_Window(next(self._numbers), future))
         return self._windows[-1]
+
+    def _window(self, number: int) -> _Window:
+        return self._windows[number - self._windows[0].number]
 
     async def _run(self) -> None:
         while True:
             await self._has_pending.wait()
             await wait_event(self._full, self.window_s)
-            await self._write_window()
+            await self._slots.acquire()
+            chunk = self._take_chunk()
+            if not chunk.inputs:  # what is pending is all being written: wait for that
+                self._slots.release()
+                self._written.clear()
+                await self._written.wait()
+                continue
+            before = [write for write in self._writes if not write.done()]
+            write = asyncio.create_task(self._write_in_slot(chunk, before))
+            self._writes.append(write)
 
-    async def _write_window(self) -> None:
-        chunk = self._take_chunk()
-        if not chunk:
-            return
-        completed = self._windows_completed_by(len(chunk))
-        offset = _highest_offset(completed)
+    async def _write_in_slot(self, chunk: _Chunk, before: list[asyncio.Task[None]]) -> None:
         try:
-            result = await self._write(chunk, offset)
+            await self._write_chunk(chunk, before)
+        finally:
+            self._slots.release()
+            self._writes.remove(asyncio.current_task())  # type: ignore[arg-type]
+            self._written.set()
+
+    async def _write_chunk(self, chunk: _Chunk, before: list[asyncio.Task[None]]) -> None:
+        if not chunk.inputs:
+            return
+        try:
+            if chunk.offset is not None and before:
+                await asyncio.wait(before)
+            result = await self._write(chunk.inputs, chunk.offset)
         except asyncio.CancelledError:
             self._put_back(chunk)  # stopping mid-write: `stop` writes it (once more)
             raise
+        finally:
+            self._in_flight.difference_update(chunk.inputs)
         self.windows_written += 1
-        self._settle(len(chunk), result)
+        self._settle(chunk, result)
 
-    def _take_chunk(self) -> dict[str, DeviceInput]:
-        """Cut the window: the oldest pending devices, at most `max_window_devices`."""
+    def _take_chunk(self) -> _Chunk:
+        """Cut the window: the oldest pending devices not being written, at most
+        `max_window_devices`; and the consumer offset the chunk may store."""
         if self._windows:
             self._windows[-1].closed = True  # later input gets the next future
-        device_ids = list(itertools.islice(self._pending, self.max_window_devices))
-        chunk = {device_id: self._pending.pop(device_id) for device_id in device_ids}
+        device_ids = list(
+            itertools.islice(
+                (d for d in self._pending if d not in self._in_flight), self.max_window_devices
+            )
+        )
+        inputs = {device_id: self._pending.pop(device_id) for device_id in device_ids}
+        windows = [self._joined.pop(device_id) for device_id in device_ids]
+        for number in windows:
+            self._window(number).untaken -= 1
+        self._in_flight.update(device_ids)
         self._full.clear()
-        if self._pending:
+        if len(self._pending) > len(self._in_flight & self._pending.keys()):
             self._full.set()  # the rest has waited long enough: write it right away
-        else:
+        elif not self._pending:
             self._has_pending.clear()
-        return chunk
+        return _Chunk(inputs, windows, _highest_offset(self._newly_taken()))
 
-    def _windows_completed_by(self, written: int) -> list[_Window]:
-        completed: list[_Window] = []
+    def _newly_taken(self) -> list[_Window]:
+        """The leading closed windows all of whose devices are now in a transaction,
+        past those whose offset a chunk already took."""
+        taken: list[_Window] = []
         for window in self._windows:
-            if window.unwritten > written:
+            if window.untaken or not window.closed:
                 break
-            written -= window.unwritten
-            completed.append(window)
-        return completed
+            if window.number > self._offered:
+                taken.append(window)
+        if taken:
+            self._offered = taken[-1].number
+        return taken
 
-    def _settle(self, written: int, result: FlushResult) -> None:
-        """Count the chunk against the oldest windows and resolve those now stored.
+    def _settle(self, chunk: _Chunk, result: FlushResult) -> None:
+        """Count the chunk's devices as written and resolve the leading windows now stored.
 
-        A window that outlives the chunk also takes its result: a device of it may
-        have been written early, because it was already pending from an older one."""
+        Every window still open also takes the result: a device of it may have been
+        written early, because it was already pending from an older one."""
         for window in self._windows:
             window.add_result(result)
-        while self._windows and self._windows[0].closed:
-            window = self._windows[0]
-            taken = min(window.unwritten, written)
-            window.unwritten -= taken
-            written -= taken
-            if window.unwritten:
-                break
+        for number in chunk.windows:
+            self._window(number).unwritten -= 1
+        while self._windows and self._windows[0].closed and not self._windows[0].unwritten:
             self._windows.popleft().resolve()
 
-    def _put_back(self, chunk: dict[str, DeviceInput]) -> None:
-        newer, self._pending = self._pending, chunk
+    def _put_back(self, chunk: _Chunk) -> None:
+        self._offered = -1  # the chunk's offset is offered again (storing it twice is harmless)
+        newer, self._pending = self._pending, dict(chunk.inputs)
+        for device_id, number in zip(chunk.inputs, chunk.windows, strict=True):
+            self._window(number).untaken += 1
+            if device_id in self._joined:  # newer input joined a later window meanwhile
+                self._window(self._joined[device_id]).untaken -= 1
+                self._window(self._joined[device_id]).unwritten -= 1
+            self._joined[device_id] = number
         for device_id, item in newer.items():
             if device_id in self._pending:
                 self._pending[device_id].merge(item)
             else:
                 self._pending[device_id] = item
+        self._has_pending.set()
 
     async def _write(
         self, pending: dict[str, DeviceInput], offset: tuple[str, int] | None

@@ -40,7 +40,9 @@ def create_module(deps: Deps) -> Module:
         timers=timers,
     )
     queries = StatusQueries(deps.database, clock=deps.clock, options=options)
-    batcher = ReportBatcher(service)
+    # PostgreSQL writes one transaction's rows while the next is built here; SQLite
+    # has one writer, and a second transaction in flight gained nothing there.
+    batcher = ReportBatcher(service, max_in_flight=2 if deps.database.is_postgres else 1)
 
     async def publish(subject: str, payload: bytes) -> None:
         await deps.backbone.nc.publish(subject, payload)
