@@ -16,8 +16,8 @@ with the transaction that stores its last device, and the consumer offset is
 stored only there). On PostgreSQL two transactions are in flight at once: the
 database writes one while the next one's rows and events are built here (with a
 whole fleet of 100,000 silent, the worst delay in two bench runs each went from
-1.25 and 1.10 s to 0.87 and 0.92 s). A transaction that fails is retried as a whole (in order), then device
-by device, so one bad device cannot block the rest.
+1.25 and 1.10 s to 0.87 and 0.92 s). A transaction that fails is retried as a
+whole (in order), then device by device, so one bad device cannot block the rest.
 
 Deadlines. `Timers` mirrors, after each commit, each device's offline deadline
 (`max(since, last_seen) + timeout`, only while online) and its next health
