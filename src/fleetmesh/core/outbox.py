@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fleetmesh.core.acks import OrderedPublish
@@ -36,6 +36,21 @@ On SQLite, marking them published waits for the writer lock, often behind a writ
 whole transaction: a big batch keeps the relay up with bursts of thousands of events."""
 MAX_BACKOFF_S = 5.0
 KEEP_PUBLISHED = timedelta(hours=1)
+
+
+def unpublished_rows(database: Database) -> Select[tuple[int, str, str, bytes]]:
+    """The relay's next batch: the oldest unpublished rows (on PostgreSQL, through their
+    partial index, and only those no other relay holds)."""
+    query = (
+        select(outbox.c.seq, outbox.c.event_id, outbox.c.subject, outbox.c.payload)
+        .where(outbox.c.published_at.is_(None))
+        .order_by(outbox.c.seq)
+        .limit(BATCH_SIZE)
+    )
+    if database.is_postgres:
+        # Replicas share the outbox: each takes rows nobody else holds.
+        query = query.with_for_update(skip_locked=True)
+    return query
 
 
 class OutboxRelay:
@@ -96,16 +111,7 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         """Publish one batch of unpublished events; returns how many were published."""
         async with self.database.session() as session:
-            query = (
-                select(outbox.c.seq, outbox.c.event_id, outbox.c.subject, outbox.c.payload)
-                .where(outbox.c.published_at.is_(None))
-                .order_by(outbox.c.seq)
-                .limit(BATCH_SIZE)
-            )
-            if self.database.is_postgres:
-                # Replicas share the outbox: each takes rows nobody else holds.
-                query = query.with_for_update(skip_locked=True)
-            rows = (await session.execute(query)).all()
+            rows = (await session.execute(unpublished_rows(self.database))).all()
             if not self.database.is_postgres:
                 await session.commit()  # end the SQLite read snapshot before writing
             if not rows:

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from fleetmesh.bootstrap import Platform
 from fleetmesh.core.backbone import EVENTS_STREAM
 from fleetmesh.core.envelope import CloudEvent
+from fleetmesh.core.outbox import unpublished_rows
 from fleetmesh.core.tables import outbox
 from fleetmesh.core.uow import SqlUnitOfWork
 
@@ -174,3 +175,20 @@ async def test_marking_a_batch_published_leaves_rows_another_relay_marked(
     others = [marked[e.id] for n, e in enumerate(events) if n != 2]
     assert all(at is not None and at > earlier for at in others)
     assert await platform.relay.backlog() == 0
+
+
+async def test_on_postgresql_the_relay_reads_unpublished_rows_through_their_own_index(
+    platform: Platform,
+) -> None:
+    """Rows published since the last vacuum stay in an index on `published_at`; a read
+    through it visits each of them (349 ms with 350,000), the partial index does not."""
+    if not platform.database.is_postgres:
+        pytest.skip("SQLite updates its indexes in place")
+    query = unpublished_rows(platform.database)
+    compiled = query.compile(
+        dialect=platform.database.engine.dialect, compile_kwargs={"literal_binds": True}
+    )
+    async with platform.database.session() as session:
+        await session.execute(text("SET LOCAL enable_seqscan = off"))  # a test table is tiny
+        plan = "\n".join((await session.execute(text(f"EXPLAIN {compiled}"))).scalars())
+    assert "ix_outbox_unpublished" in plan
