@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -63,6 +65,15 @@ class GatedService:
             await asyncio.sleep(0)  # the batcher settles its windows
 
 
+@contextlib.asynccontextmanager
+async def running(batcher: ReportBatcher) -> AsyncIterator[None]:
+    batcher.start()
+    try:
+        yield
+    finally:
+        await batcher.stop()
+
+
 def pipelined(service: GatedService, max_devices: int = 2) -> ReportBatcher:
     return ReportBatcher(
         service,  # type: ignore[arg-type]
@@ -79,15 +90,12 @@ async def test_two_transactions_are_written_at_once() -> None:
     for device_id in ("a", "b", "c", "d"):
         window = batcher.submit(device_id, telemetry(1))
     assert window is not None
-    batcher.start()
-    try:
+    async with running(batcher):
         first, second = await service.started(2)
         assert (first.devices, second.devices) == (["a", "b"], ["c", "d"])
         await service.release(second)
         await service.release(first)
         assert (await asyncio.wait_for(window, 5)) == FlushResult()
-    finally:
-        await batcher.stop()
 
 
 async def test_a_device_being_written_waits_for_the_next_transaction() -> None:
@@ -95,8 +103,7 @@ async def test_a_device_being_written_waits_for_the_next_transaction() -> None:
     batcher = pipelined(service)
     batcher.submit("a", telemetry(1))
     batcher.submit("b", telemetry(1))
-    batcher.start()
-    try:
+    async with running(batcher):
         (first,) = await service.started(1)
         later = batcher.submit("a", telemetry(5))  # "a" is in the first transaction
         batcher.submit("c", telemetry(5))
@@ -112,16 +119,13 @@ async def test_a_device_being_written_waits_for_the_next_transaction() -> None:
         ]
         await service.release(third)
         await asyncio.wait_for(later, 5)
-    finally:
-        await batcher.stop()
 
 
 async def test_windows_resolve_in_order_when_a_later_transaction_ends_first() -> None:
     service = GatedService()
     batcher = pipelined(service, max_devices=1)
     older = batcher.submit("a", telemetry(1))
-    batcher.start()
-    try:
+    async with running(batcher):
         (first,) = await service.started(1)
         newer = batcher.submit("b", telemetry(2))
         second = (await service.started(2))[1]
@@ -129,8 +133,6 @@ async def test_windows_resolve_in_order_when_a_later_transaction_ends_first() ->
         assert not newer.done()  # stored, but the window before it is not
         await service.release(first)
         await asyncio.wait_for(asyncio.gather(older, newer), 5)
-    finally:
-        await batcher.stop()
 
 
 async def test_a_transaction_storing_the_consumer_offset_starts_after_those_before_it() -> None:
@@ -138,8 +140,7 @@ async def test_a_transaction_storing_the_consumer_offset_starts_after_those_befo
     service = GatedService()
     batcher = pipelined(service, max_devices=1)
     batcher.submit("a", telemetry(1))  # a timeout-like input: no offset
-    batcher.start()
-    try:
+    async with running(batcher):
         (first,) = await service.started(1)
         window = batcher.submit("b", telemetry(2), offset=("c", 7))
         await asyncio.sleep(0.1)
@@ -149,8 +150,6 @@ async def test_a_transaction_storing_the_consumer_offset_starts_after_those_befo
         assert (second.devices, second.offset) == (["b"], ("c", 7))
         await service.release(second)
         await asyncio.wait_for(window, 5)
-    finally:
-        await batcher.stop()
 
 
 async def test_stop_puts_writes_in_flight_back_and_writes_them() -> None:
